@@ -1,0 +1,7 @@
+"""deepalign: 3D alignment of cryo-EM particle images by regionalised deep learning.
+
+A JAX reimplementation of DeepAlign (Jiménez-Moreno et al., J. Struct. Biol. 2021).
+`core/` holds pure array functions, `io/` the file formats, `commands/` one module per stage.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""One module per `deepalign` subcommand: parse → load → call core → write atomically."""

@@ -1,0 +1,1 @@
+"""File formats and the project directory. Everything that touches the disk lives here."""
