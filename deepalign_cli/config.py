@@ -48,7 +48,7 @@ class RegionConfig(_Stage):
     """How the sphere of projection directions is split into regions."""
 
     spacing_deg: float = Field(30.0, gt=0, le=90, description="distance between region centres (30° → 42, 20° → 92)")
-    symmetry: str = Field("C1", description="RELION point group: C1, Cn, Dn, T, O, I1..I4")
+    symmetry: str = Field("C1", description="RELION point group: C1, Cn, Dn, T, O, I1, I2")
 
 
 class LabelConfig(_Stage):
