@@ -9,6 +9,9 @@ from pathlib import Path
 
 from ..errors import DeepAlignError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_write(path: Path | str, suffix: str | None = None):
@@ -29,6 +32,7 @@ def atomic_write(path: Path | str, suffix: str | None = None):
         raise DeepAlignError(f"{path.parent}: cannot write output ({e.strerror})")
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared on clusters
     try:
         yield tmp
         os.replace(tmp, path)
@@ -48,3 +52,27 @@ def write_text_atomic(path: Path | str, text: str) -> None:
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path | str):
+    """Yield a temporary folder beside `final`; on success it replaces `final` (old one removed),
+    on failure it is deleted. A stage that writes several files thus appears whole or not at all."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

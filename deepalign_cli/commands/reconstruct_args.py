@@ -1,0 +1,228 @@
+"""Print the commands that reconstruct deepalign's poses in RELION, Xmipp or cryoSPARC.
+
+    deepalign reconstruct-args demo                          # RELION (default)
+    deepalign reconstruct-args demo --program all --sym C4
+    deepalign reconstruct-args demo --star demo/consensus/consensus.star --program xmipp
+    deepalign reconstruct-args demo --slurm --partition cpu --gres gpu:1
+    bash demo/reconstruct.sh                                 # or: sbatch demo/reconstruct.sh
+
+The commands are printed and written to PROJECT/reconstruct.sh (bash, `set -e`, absolute paths;
+it first changes to the folder the STAR's relative image names resolve from). The particles are
+PROJECT/align/aligned.star unless --star is given; the symmetry is --sym, else the project's
+regions.symmetry.
+
+* RELION: `relion_reconstruct --ctf --sym` for the full map and, with `--subset 1|2`, the two half
+  maps, then `relion_image_handler --fsc` for their FSC. Half sets come from rlnRandomSubset; when
+  the STAR has none, a copy with alternate subsets (1, 2, 1, …) is written as
+  PROJECT/reconstruct_halves.star. The pixel size comes from the STAR's optics table; `--angpix`
+  is added only when the STAR has none.
+* Xmipp: the particles are converted to PROJECT/reconstruct.xmd (+ _half1/_half2.xmd) by
+  deepalign's writer, then `xmipp_reconstruct_fourier --useCTF --sampling` runs on each.
+* cryoSPARC: the import route (Import Particle Stack → Homogeneous Reconstruction Only) as
+  comments: which file, which folder, which fields.
+* --slurm adds #SBATCH lines (job name, log, --partition, --gres) so the script can be sbatch'ed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from ..core.symmetry import UnknownSymmetry, canonical_name
+from ..errors import DeepAlignError
+from ..io.atomic import write_text_atomic
+from ..io.project import Project
+from ..io.star import (
+    ParticleTable,
+    get_poses,
+    image_base_dir,
+    pixel_size,
+    read_particles,
+    with_pixel_size,
+    write_particles,
+)
+
+PROGRAMS = ("relion", "xmipp", "cryosparc", "all")
+SCRIPT_NAME = "reconstruct.sh"
+HALVES_STAR = "reconstruct_halves.star"
+XMD_NAME = "reconstruct.xmd"
+RELION_DIR = "reconstruct_relion"
+XMIPP_DIR = "reconstruct_xmipp"
+XMIPP_NYQUIST = 0.5  # xmipp_reconstruct_fourier --max_resolution is a digital frequency; 0.5 = Nyquist
+XMIPP_PADDING = (2, 2)  # projection and volume padding factors (Xmipp's defaults)
+SLURM_JOB_NAME = "deepalign-reconstruct"
+
+
+def _q(path) -> str:
+    return shlex.quote(str(path))
+
+
+def _relion_section(table: ParticleTable, star: Path, sym: str, root: Path, angpix: float | None) -> tuple[list[str], ParticleTable | None]:
+    """RELION lines; plus the halves table to write when the STAR lacks rlnRandomSubset."""
+    df = table.particles
+    halves = None
+    subsets = set(np.unique(df["rlnRandomSubset"].to_numpy())) if "rlnRandomSubset" in df else set()
+    if not {1, 2} <= {int(s) for s in subsets}:
+        halves = table.copy()
+        halves.particles["rlnRandomSubset"] = 1 + np.arange(len(df)) % 2
+        star = root / HALVES_STAR
+    out = root / RELION_DIR
+    common = ["--i", _q(star), "--sym", sym]
+    if "rlnDefocusU" in df:
+        common.append("--ctf")
+    if angpix is not None:
+        common += ["--angpix", f"{angpix:g}"]
+    pixel = angpix if angpix is not None else pixel_size(table)
+    lines = [
+        "# ---- RELION: full map, two half maps, FSC between the halves",
+        f"# particles: {star}" + (" (copy of the input with alternate rlnRandomSubset 1/2)" if halves is not None else ""),
+        f"mkdir -p {_q(out)}",
+        " ".join(["relion_reconstruct", *common, "--o", _q(out / "map.mrc")]),
+        " ".join(["relion_reconstruct", *common, "--subset", "1", "--o", _q(out / "half1.mrc")]),
+        " ".join(["relion_reconstruct", *common, "--subset", "2", "--o", _q(out / "half2.mrc")]),
+        "# FSC of the half maps as a STAR table (rlnAngstromResolution, rlnFourierShellCorrelation);",
+        "# the resolution is where the FSC falls below 0.143",
+        f"relion_image_handler --i {_q(out / 'half1.mrc')} --fsc {_q(out / 'half2.mrc')} --angpix {pixel:g} > {_q(out / 'fsc.star')}",
+    ]
+    if "rlnDefocusU" not in df:
+        lines.insert(2, "# no rlnDefocusU in the STAR: reconstructing without CTF correction")
+    return lines, halves
+
+
+def _absolute_names(table: ParticleTable, base: Path) -> ParticleTable:
+    """Copy with every relative stack path of rlnImageName made absolute (from `base`)."""
+    out = table.copy()
+
+    def absolute(name: str) -> str:
+        index, _, stack = str(name).partition("@")
+        return f"{index}@{base / stack}" if stack and not Path(stack).is_absolute() else str(name)
+
+    out.particles["rlnImageName"] = [absolute(n) for n in table.particles["rlnImageName"]]
+    return out
+
+
+def _xmipp_section(table: ParticleTable, base: Path, sym: str, root: Path, angpix: float | None) -> tuple[list[str], dict[Path, ParticleTable]]:
+    """Xmipp lines and the .xmd files (full, half1, half2; absolute image paths) to write."""
+    xmd = root / XMD_NAME
+    table = _absolute_names(table if angpix is None else with_pixel_size(table, angpix), base)
+    files = {xmd: table}
+    for half in (1, 2):
+        sub = table.copy()
+        sub.particles = table.particles.iloc[half - 1 :: 2].reset_index(drop=True)
+        files[xmd.with_name(f"{xmd.stem}_half{half}.xmd")] = sub
+    out = root / XMIPP_DIR
+    pixel = angpix if angpix is not None else pixel_size(table)
+    options = ["--sym", sym.lower(), "--max_resolution", f"{XMIPP_NYQUIST:g}", "--padding", *map(str, XMIPP_PADDING)]
+    if "rlnDefocusU" in table.particles:
+        options += ["--useCTF", "--sampling", f"{pixel:g}"]
+    lines = ["# ---- Xmipp: the same particles converted to .xmd by deepalign (shifts in px, same angles)", f"mkdir -p {_q(out)}"]
+    for path, name in zip(files, ("map", "half1", "half2")):
+        lines.append(" ".join(["xmipp_reconstruct_fourier", "-i", _q(path), "-o", _q(out / f"{name}.vol"), *options]))
+    return lines, files
+
+
+def _cryosparc_section(table: ParticleTable, star: Path, base: Path, sym: str) -> list[str]:
+    stacks = sorted({str(base / Path(str(n).split("@", 1)[-1]).parent) for n in table.particles["rlnImageName"]})
+    optics = table.optics.iloc[0] if table.optics is not None else {}
+    fields = ["rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    fields += [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle") if c in table.particles]
+
+    def opt(col, unit):
+        return f"{optics[col]:g} {unit}" if col in optics else "(as acquired)"
+
+    return [
+        "# ---- cryoSPARC (GUI; no command line): import the poses, then reconstruct without refinement",
+        "# 1. Job 'Import Particle Stack':",
+        f"#      Particle meta path : {star}",
+        f"#      Particle data path : {stacks[0] if len(stacks) == 1 else 'a folder holding the stacks of: ' + ', '.join(stacks)}",
+        f"#      Pixel size {opt('rlnImagePixelSize', 'Å')}, voltage {opt('rlnVoltage', 'kV')}, "
+        f"Cs {opt('rlnSphericalAberration', 'mm')}, amplitude contrast {opt('rlnAmplitudeContrast', '')}".rstrip(),
+        f"#      Fields read from the STAR: {', '.join(fields)}",
+        "# 2. Job 'Homogeneous Reconstruction Only' on the imported particles",
+        f"#      Symmetry: {sym}; it keeps the imported poses and reports the half-map FSC.",
+    ]
+
+
+def _slurm_header(root: Path, partition: str | None, gres: str | None) -> list[str]:
+    lines = [f"#SBATCH --job-name={SLURM_JOB_NAME}", f"#SBATCH --output={root / 'reconstruct_%j.log'}", "#SBATCH --ntasks=1"]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if gres:
+        lines.append(f"#SBATCH --gres={gres}")
+    return lines
+
+
+def command(
+    project: Annotated[Path, typer.Argument(help="deepalign project folder")],
+    program: Annotated[str, typer.Option("--program", help="relion, xmipp, cryosparc or all")] = "relion",
+    star: Annotated[Optional[Path], typer.Option("--star", help="particles to reconstruct (default: PROJECT/align/aligned.star)")] = None,
+    sym: Annotated[Optional[str], typer.Option("--sym", help="point group (default: the project regions.symmetry, else C1)")] = None,
+    slurm: Annotated[bool, typer.Option("--slurm", help="add #SBATCH lines so the script can be submitted with sbatch")] = False,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="SLURM partition (with --slurm)")] = None,
+    gres: Annotated[Optional[str], typer.Option("--gres", help="SLURM generic resources, e.g. gpu:1 (with --slurm)")] = None,
+) -> None:
+    """Print (and write to PROJECT/reconstruct.sh) commands that reconstruct the poses in RELION, Xmipp or cryoSPARC.
+
+    deepalign reconstruct-args demo --program all
+    deepalign reconstruct-args demo --star demo/consensus/consensus.star --slurm --partition cpu
+    """
+    if program not in PROGRAMS:
+        raise DeepAlignError(f"--program {program}: must be one of {', '.join(PROGRAMS)}")
+    if not slurm and (partition or gres):
+        raise DeepAlignError("--partition/--gres: only used with --slurm; add --slurm")
+    proj = Project.open(project)
+    root = proj.root
+    if star is None:
+        star = root / "align" / "aligned.star"
+        if not star.is_file():
+            raise DeepAlignError(f"{star}: not found; run deepalign align {project} first (or pass --star)")
+    star = Path(star).resolve()
+    table = read_particles(star)
+    get_poses(table, hint="reconstruction needs the aligned poses")
+    sym_name = sym if sym is not None else (proj.stage_config("regions") or {}).get("symmetry", "C1")
+    try:
+        sym_name = canonical_name(sym_name)
+    except UnknownSymmetry:
+        raise DeepAlignError(f"--sym {sym_name}: unknown symmetry (RELION names: C1, Cn, Dn, T, O, I1, I2)")
+    angpix = None
+    if table.optics is None or "rlnImagePixelSize" not in table.optics:
+        angpix = proj.pixel_size_ang
+        if angpix is None:
+            raise DeepAlignError(f"{star}: no pixel size in data_optics and none recorded in {proj.yaml_path}")
+    base = image_base_dir(table)
+
+    lines = ["#!/usr/bin/env bash"]
+    if slurm:
+        lines += _slurm_header(root, partition, gres)
+    lines += [
+        f"# written by: deepalign reconstruct-args {project} --program {program} (particles: {star}, symmetry {sym_name})",
+        "set -euo pipefail",
+        "# relative image names (rlnImageName) resolve from this folder",
+        f"cd {_q(base)}",
+        "",
+    ]
+    halves, xmds = None, {}
+    if program in ("relion", "all"):
+        relion_lines, halves = _relion_section(table, star, sym_name, root, angpix)
+        lines += relion_lines + [""]
+    if program in ("xmipp", "all"):
+        xmipp_lines, xmds = _xmipp_section(table, base, sym_name, root, angpix)
+        lines += xmipp_lines + [""]
+    if program in ("cryosparc", "all"):
+        lines += _cryosparc_section(table, star, base, sym_name) + [""]
+    script = "\n".join(lines).rstrip() + "\n"
+
+    if halves is not None:
+        write_particles(root / HALVES_STAR, halves, pixel_size_ang=angpix)
+    if xmds:
+        from ..io.xmipp import write_xmd
+
+        for path, sub in xmds.items():
+            write_xmd(path, sub)
+    write_text_atomic(root / SCRIPT_NAME, script)
+    typer.echo(script, nl=False)
+    typer.echo(f"wrote {root / SCRIPT_NAME}" + (f" (submit with: sbatch {root / SCRIPT_NAME})" if slurm else ""), err=True)

@@ -1,0 +1,65 @@
+"""PNG plots of results people look at (matplotlib, Agg backend), written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .io.atomic import atomic_write  # noqa: E402
+
+
+def save(fig, path: Path) -> Path:
+    """Write a figure to `path` (PNG) atomically and close it."""
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def region_counts(path: Path, counts: np.ndarray, centres_rot_tilt: np.ndarray, min_count: int, title: str) -> Path:
+    """Bar chart of particles per region and a map of the region centres coloured by count."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    colors = ["tab:red" if c < min_count else "tab:blue" for c in counts]
+    a.bar(np.arange(len(counts)), counts, color=colors)
+    a.axhline(min_count, color="tab:red", ls="--", lw=1, label=f"warning below {min_count}")
+    a.set_xlabel("region")
+    a.set_ylabel("labelled particles")
+    a.legend(loc="upper right", fontsize=8)
+    sc = b.scatter(centres_rot_tilt[:, 0], centres_rot_tilt[:, 1], c=counts, s=60, cmap="viridis")
+    for i, (r, t) in enumerate(centres_rot_tilt):
+        b.annotate(str(i), (r, t), fontsize=6, ha="center", va="bottom")
+    b.set_xlim(-180, 180)
+    b.set_ylim(180, 0)
+    b.set_xlabel("rot (°)")
+    b.set_ylabel("tilt (°)")
+    fig.colorbar(sc, ax=b, label="particles")
+    fig.suptitle(title)
+    return save(fig, path)
+
+
+def angular_distribution(path: Path, rot_deg: np.ndarray, tilt_deg: np.ndarray, title: str) -> Path:
+    """2D histogram of projection directions (rot, tilt)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    h = ax.hist2d(rot_deg, tilt_deg, bins=[36, 18], range=[[-180, 180], [0, 180]], cmap="magma")
+    ax.set_ylim(180, 0)
+    ax.set_xlabel("rot (°)")
+    ax.set_ylabel("tilt (°)")
+    fig.colorbar(h[3], ax=ax, label="particles")
+    ax.set_title(title)
+    return save(fig, path)
+
+
+def histogram(path: Path, values: np.ndarray, xlabel: str, title: str, bins: int = 50, vline: float | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(values[np.isfinite(values)], bins=bins, color="tab:blue")
+    if vline is not None:
+        ax.axvline(vline, color="tab:red", ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("particles")
+    ax.set_title(title)
+    return save(fig, path)
