@@ -78,10 +78,8 @@ def run() -> None:
     except typer.Abort:
         Console(stderr=True).print("[red]aborted[/red]")
         sys.exit(130)
-    except Exception as e:  # click usage errors come through as click exceptions
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors come through as click exceptions (vendored in new typer)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -63,3 +63,21 @@ def histogram(path: Path, values: np.ndarray, xlabel: str, title: str, bins: int
     ax.set_ylabel("particles")
     ax.set_title(title)
     return save(fig, path)
+
+
+def training_curves(path: Path, df) -> Path:
+    """Per-region train/validation loss and accuracy per epoch (thin lines) and their mean (thick)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for col, color in ((f"train_{metric}", "tab:blue"), (f"val_{metric}", "tab:orange")):
+            if df.empty or df[col].isna().all():
+                continue
+            for _, g in df.groupby("region"):
+                ax.plot(g["epoch"] + 1, g[col], color=color, alpha=0.15, lw=0.8)
+            mean = df.groupby("epoch")[col].mean()
+            ax.plot(mean.index + 1, mean.values, color=color, lw=2.5, label=f"{col.split('_')[0]} (mean over regions)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("balanced " + ("accuracy" if metric == "acc" else "BCE loss"))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"region classifiers: {df['region'].nunique() if not df.empty else 0} regions")
+    return save(fig, path)
