@@ -81,3 +81,20 @@ def training_curves(path: Path, df) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"region classifiers: {df['region'].nunique() if not df.empty else 0} regions")
     return save(fig, path)
+
+
+def cumulative_errors(path: Path, curves: dict, title: str) -> Path:
+    """Cumulative distribution of angular errors per aligned set, 5° and 10° marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, err in curves.items():
+        e = np.sort(np.asarray(err))
+        ax.plot(e, 100 * np.arange(1, e.size + 1) / e.size, label=f"{label} (median {np.median(e):.1f}°)")
+    for v in (5, 10):
+        ax.axvline(v, color="grey", ls="--", lw=0.8)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, 180)
+    ax.set_xlabel("angular error (°)")
+    ax.set_ylabel("% of particles")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return save(fig, path)

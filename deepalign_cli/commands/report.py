@@ -1,0 +1,156 @@
+"""Accuracy and timing report of a project, optionally against the true poses.
+
+Examples:
+
+    deepalign report demo                                  # uses demo/simulated/truth.star when present
+    deepalign report ribo --truth relion_refine/run_data.star
+
+Reports: region hit rate of predict (top-1/2/3 against the truth's regions, held-out particles
+i.e. not in the labelled subset), angular error of every aligned set (align/, align_exhaustive/,
+consensus/) against the truth (median, 90th percentile, % within 5° and 10°, symmetry-aware full
+rotation), shift error, FSC resolution of each reconstruction, and wall time per stage. Writes
+PROJECT/report/report.json, report.md and errors.png (cumulative angular error).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from .. import plots
+from ..core import evaluation
+from ..core.consensus import match_by_name
+from ..errors import DeepAlignError
+from ..io import star
+from ..io.atomic import write_text_atomic
+from ..io.project import Project
+from ._common import PROJECT_ARG, console
+from .symmetry_arg import operators_for
+
+ALIGNED_SETS = {"align": "align/aligned.star", "align --exhaustive": "align_exhaustive/aligned.star", "consensus": "consensus/consensus.star"}
+
+
+def _matched(est_table, truth_table):
+    common, (i_est, i_true), _ = match_by_name([star.image_names(est_table), star.image_names(truth_table)])
+    if len(common) == 0:
+        raise DeepAlignError(f"{est_table.source}: no particle in common with {truth_table.source}")
+    return i_est, i_true
+
+
+def command(
+    project: Path = PROJECT_ARG,
+    truth: Path = typer.Option(None, "--truth", help="STAR with the true poses (default: PROJECT/simulated/truth.star)", show_default=False),
+) -> None:
+    """Accuracy and timing report of a project (optionally against the truth)."""
+    from ..core import regions as regions_core
+
+    proj = Project.open(project)
+    root = proj.root
+    truth = truth or (root / "simulated" / "truth.star" if (root / "simulated" / "truth.star").exists() else None)
+    reg = proj.stage_config("regions") or {"spacing_deg": 30.0, "symmetry": "C1"}
+    ops, sym = operators_for(reg["symmetry"])
+    centres = regions_core.region_centres(reg["spacing_deg"], ops)
+    rep: dict = {"project": str(root), "truth": str(truth) if truth else None, "symmetry": sym, "n_regions": int(len(centres))}
+
+    truth_table = star.read_particles(truth) if truth else None
+    if truth_table is not None:
+        e_true, o_true = star.get_poses(truth_table, hint="--truth needs poses")
+    # predict: region hit rate on held-out particles
+    probs_path = root / "predict" / "probabilities.npy"
+    if truth_table is not None and probs_path.exists():
+        pred = star.read_particles(root / "predict" / "predictions.star")
+        i_pred, i_true = _matched(pred, truth_table)
+        probs = np.load(probs_path)[i_pred]
+        true_reg = evaluation.true_regions(e_true[i_true], centres, ops)
+        held = np.ones(len(i_pred), bool)
+        labels = root / "label" / "labels.star"
+        if labels.exists():
+            lab_names = star.image_names(star.read_particles(labels))
+            _, (i_lab_pred, _), _ = match_by_name([np.asarray(star.image_names(pred))[i_pred], lab_names])
+            held[i_lab_pred] = False
+        rep["predict"] = {"held_out": int(held.sum()), "hit_rate": evaluation.region_hit_rates(probs[held], true_reg[held]),
+                          "chance_top1": 1.0 / len(centres)}
+    # aligned sets: angular error
+    curves = {}
+    for label, rel in ALIGNED_SETS.items():
+        path = root / rel
+        if truth_table is None or not path.exists():
+            continue
+        est = star.read_particles(path)
+        i_est, i_true = _matched(est, truth_table)
+        e_est, o_est = star.get_poses(est)
+        s = evaluation.angular_error_summary(e_est[i_est], e_true[i_true], ops)
+        pix = star.pixel_size(truth_table)
+        sh = evaluation.shift_error_px(o_est[i_est], o_true[i_true], pix)
+        curves[label] = s.pop("errors_deg")
+        rep.setdefault("align", {})[label] = {**s, "median_shift_error_px": float(np.median(sh))}
+    # reconstructions
+    for summ in sorted((root / "reconstruct").glob("*/summary.json")) if (root / "reconstruct").exists() else []:
+        rep.setdefault("reconstruct", {})[summ.parent.name] = json.loads(summ.read_text())
+    rep["stages"] = {k: {"seconds": v.get("seconds"), "done": v.get("done")} for k, v in proj.state.get("stages", {}).items()}
+    rep["total_seconds"] = float(sum(v["seconds"] or 0 for v in rep["stages"].values()))
+
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    md = _markdown(rep)
+    if curves:
+        plots.cumulative_errors(out / "errors.png", curves, f"angular error vs truth ({sym})")
+    write_text_atomic(out / "report.json", json.dumps(rep, indent=1, default=float))
+    write_text_atomic(out / "report.md", md)
+    _print(rep)
+    console.print(f"report → {out}/report.md" + (", errors.png" if curves else ""))
+
+
+def _markdown(rep: dict) -> str:
+    lines = [f"# deepalign report: {rep['project']}", "", f"symmetry {rep['symmetry']}, {rep['n_regions']} regions; truth: {rep['truth']}", ""]
+    if "predict" in rep:
+        p = rep["predict"]
+        lines += ["## predict (held-out particles)", "", "| top-k | hit rate |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in p["hit_rate"].items()]
+        lines += [f"", f"{p['held_out']} held-out particles; chance top-1 = {p['chance_top1']:.3f}", ""]
+    if "align" in rep:
+        lines += ["## angular error vs truth", "", "| set | n | median (°) | 90th pct (°) | ≤ 5° | ≤ 10° | median shift error (px) |", "|---|---|---|---|---|---|---|"]
+        for k, s in rep["align"].items():
+            lines.append(f"| {k} | {s['n']} | {s['median_deg']:.2f} | {s['p90_deg']:.2f} | {s['within_5_pct']:.1f} % | {s['within_10_pct']:.1f} % | {s['median_shift_error_px']:.2f} |")
+        lines.append("")
+    if "reconstruct" in rep:
+        lines += ["## reconstructions", "", "| map | particles | FSC 0.143 resolution (Å) |", "|---|---|---|"]
+        for k, s in rep["reconstruct"].items():
+            lines.append(f"| {k} | {s.get('n_particles', '?')} | {s.get('resolution_ang', float('nan')):.1f} |")
+        lines.append("")
+    lines += ["## time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v['seconds'] if v['seconds'] is not None else '—'} |" for k, v in rep["stages"].items()]
+    lines += [f"| **total** | {rep['total_seconds']:.1f} |", ""]
+    return "\n".join(lines)
+
+
+def _print(rep: dict) -> None:
+    if "predict" in rep:
+        t = Table(title="predict: true region among the top-k (held-out)")
+        t.add_column("top-k"); t.add_column("hit rate", justify="right")
+        for k, v in rep["predict"]["hit_rate"].items():
+            t.add_row(str(k), f"{v:.3f}")
+        console.print(t)
+    if "align" in rep:
+        t = Table(title="angular error vs truth")
+        for c in ("set", "n", "median °", "90th pct °", "≤5°", "≤10°", "shift err px"):
+            t.add_column(c, justify="right")
+        for k, s in rep["align"].items():
+            t.add_row(k, str(s["n"]), f"{s['median_deg']:.2f}", f"{s['p90_deg']:.2f}", f"{s['within_5_pct']:.1f}%", f"{s['within_10_pct']:.1f}%", f"{s['median_shift_error_px']:.2f}")
+        console.print(t)
+    if "reconstruct" in rep:
+        t = Table(title="reconstructions")
+        t.add_column("map"); t.add_column("particles", justify="right"); t.add_column("resolution Å", justify="right")
+        for k, s in rep["reconstruct"].items():
+            t.add_row(k, str(s.get("n_particles", "?")), f"{s.get('resolution_ang', float('nan')):.1f}")
+        console.print(t)
+    t = Table(title="time per stage")
+    t.add_column("stage"); t.add_column("seconds", justify="right")
+    for k, v in rep["stages"].items():
+        t.add_row(k, "—" if v["seconds"] is None else f"{v['seconds']:.1f}")
+    t.add_row("total", f"{rep['total_seconds']:.1f}")
+    console.print(t)
