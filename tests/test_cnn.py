@@ -1,0 +1,110 @@
+"""The paper's region CNN: FFT convolution, shapes, parameter count, normalisation modes, augmentation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.signal import correlate2d
+
+from deepalign_cli.config import TrainConfig
+from deepalign_cli.core import augment, cnn
+
+
+@pytest.mark.parametrize("k", [10, 6, 4, 3])
+def test_fft_conv_equals_direct_conv_values_and_gradients(k):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 30, 30, 3))
+    w = jax.random.normal(kw, (k, k, 3, 5)) / k
+    direct, fft = cnn.conv2d_direct(x, w), cnn.conv2d_fft(x, w)
+    assert fft.shape == direct.shape == (2, 30, 30, 5)
+    assert float(jnp.max(jnp.abs(fft - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
+    g_direct = jax.grad(lambda w: jnp.sum(cnn.conv2d_direct(x, w) ** 2))(w)
+    g_fft = jax.grad(lambda w: jnp.sum(cnn.conv2d_fft(x, w) ** 2))(w)
+    assert float(jnp.max(jnp.abs(g_fft - g_direct))) < 1e-4 * float(jnp.max(jnp.abs(g_direct)))
+
+
+def test_same_padding_matches_keras_convention_for_even_kernels():
+    """'same' cross-correlation, extra zero row/column after the image (lo = (k-1)//2)."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(11, 11)).astype(np.float32), rng.normal(size=(4, 4)).astype(np.float32)
+    full = correlate2d(np.pad(x, ((1, 2), (1, 2))), w, mode="valid")
+    out = cnn.conv2d_direct(jnp.asarray(x)[None, :, :, None], jnp.asarray(w)[:, :, None, None])[0, :, :, 0]
+    np.testing.assert_allclose(np.asarray(out), full, atol=1e-5)
+
+
+def test_kernel_sizes_follow_paper_figure_1():
+    assert cnn.kernel_sizes(128, (1 / 3, 1 / 10, 1 / 20)) == (42, 12, 6)
+    assert cnn.kernel_sizes(120, (1 / 3, 1 / 10, 1 / 20)) == (40, 12, 6)
+    assert cnn.kernel_sizes(32, (1 / 3, 1 / 10, 1 / 20)) == (10, 3, 3)  # minimum 3
+
+
+def test_auto_uses_fft_only_for_large_kernels_on_cpu():
+    assert cnn.conv_impls_for((40, 12, 6), "auto", "cpu") == ("fft", "fft", "direct")
+    assert cnn.conv_impls_for((21, 6, 3), "auto", "cpu") == ("fft", "direct", "direct")
+    assert cnn.conv_impls_for((40, 12, 6), "auto", "gpu") == ("direct",) * 3
+
+
+def test_paper_network_at_64px_has_expected_shapes_and_parameter_count():
+    arch = cnn.architecture(TrainConfig(), 64)
+    model = cnn.build_model(arch, "direct")
+    variables = cnn.init_variables(jax.random.key(0), model, 64)
+    logits = model.apply(variables, jnp.zeros((4, 64, 64, 1)), train=False)
+    assert logits.shape == (4, 1)
+    # conv 21²·16+16, BN 2·16, conv 6²·16·32+32, BN 2·32, conv 3²·32·64+64, BN 2·64,
+    # dense (8·8·64)·256+256, dense 256+1
+    expected = 7072 + 32 + 18464 + 64 + 18496 + 128 + 1048832 + 257
+    assert cnn.param_count(variables["params"]) == expected
+    fft_model = cnn.build_model(arch, "fft")
+    x = jax.random.normal(jax.random.key(1), (3, 64, 64, 1))
+    np.testing.assert_allclose(fft_model.apply(variables, x), model.apply(variables, x), rtol=1e-4, atol=1e-4)
+
+
+def _small(norm):
+    cfg = TrainConfig(norm=norm, conv_filters=(4, 8, 8), dense_units=16, dropout=0.0)
+    model = cnn.build_model(cnn.architecture(cfg, 16), "direct")
+    return model, cnn.init_variables(jax.random.key(0), model, 16)
+
+
+def test_batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval():
+    model, variables = _small("batch")
+    x = jax.random.normal(jax.random.key(1), (8, 16, 16, 1)) * 3 + 1
+    eval_all = model.apply(variables, x, train=False)
+    eval_one = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(eval_all[:1], eval_one, rtol=1e-5, atol=1e-6)  # eval: per image
+    train_all, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    train_half, _ = model.apply(variables, x[:4], train=True, mutable=["batch_stats"])
+    assert not np.allclose(train_all[:4], train_half, atol=1e-4)  # train: depends on the batch
+    mean0 = upd["batch_stats"]["BatchNorm_0"]["mean"]
+    assert float(jnp.max(jnp.abs(mean0))) > 0  # running mean moved (momentum 0.9 → 10 % per step)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_group_and_layer_norm_behave_the_same_in_train_and_eval(norm):
+    model, variables = _small(norm)
+    assert variables["batch_stats"] == {}
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+    np.testing.assert_allclose(model.apply(variables, x, train=True), model.apply(variables, x, train=False), rtol=1e-5)
+
+
+def test_rotation_by_90_degrees_equals_rot90():
+    img = np.asarray(jax.random.normal(jax.random.key(0), (33, 33)))
+    out = augment.rotate_shift(jnp.asarray(img)[None], jnp.array([90.0]), jnp.zeros((1, 2)))[0]
+    np.testing.assert_allclose(np.asarray(out), np.rot90(img), atol=1e-4)
+
+
+def test_integer_shift_translates_content():
+    img = np.zeros((32, 32), np.float32)
+    img[10:14, 12:15] = 1.0
+    out = augment.rotate_shift(jnp.asarray(img)[None], jnp.array([0.0]), jnp.array([[3.0, -2.0]]))[0]
+    np.testing.assert_allclose(np.asarray(out), np.roll(img, (3, -2), axis=(0, 1)), atol=1e-5)
+
+
+def test_augmentation_preserves_norm_of_a_centred_particle_and_changes_it():
+    n = 48
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    blob = np.exp(-((yy - 4) ** 2 / 30 + xx**2 / 8)).astype(np.float32)  # elongated, off-centre
+    imgs = jnp.asarray(np.repeat(blob[None], 16, axis=0))
+    out = augment.augment(jax.random.key(3), imgs, max_shift_px=2.4)
+    norms = np.linalg.norm(np.asarray(out).reshape(16, -1), axis=1)
+    np.testing.assert_allclose(norms, np.linalg.norm(blob), rtol=0.03)
+    assert np.min(np.linalg.norm(np.asarray(out - imgs).reshape(16, -1), axis=1)) > 0.1 * np.linalg.norm(blob)
