@@ -62,7 +62,7 @@ for _name, _module, _help in STAGES:
         if _e.name != f"{__package__}.commands.{_module}":
             raise
         _fn = _not_built(_name)
-        _help = f"[not built yet] {_help}"
+        _help = f"(not built yet) {_help}"
     app.command(_name, help=(_fn.__doc__ or _help).strip().split("\n\n")[0] if _fn.__doc__ else _help)(_fn)
 
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import DeepAlignConfig, load_config, override
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 PROJECT_ARG = typer.Argument(..., help="project directory", show_default=False)
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config (see configs/); flags override it", show_default=False)

@@ -23,6 +23,7 @@ import typer
 
 from .. import plots
 from ..core import geometry, regions
+from ..errors import DeepAlignError
 from ..io import star
 from ..io.atomic import atomic_write, staged_dir
 from ..io.particles import read_any
@@ -30,11 +31,24 @@ from ..io.project import Project
 from ._common import check_can_run, CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, console, stage_config
 from .symmetry_arg import operators_for
 
+PIXEL_RTOL = 1e-3  # subset and project pixel sizes agree to 0.1 % (STAR files print ~6 digits)
+
 
 def region_table(centres: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
     rot, tilt = geometry.direction_to_angles(centres)
     return pd.DataFrame({"region": np.arange(len(centres)), "rot_deg": np.round(rot, 4), "tilt_deg": np.round(tilt, 4),
                          "x": centres[:, 0], "y": centres[:, 1], "z": centres[:, 2], "n_particles": counts})
+
+
+def check_pixel_size(subset: Path, table: star.ParticleTable, proj: Project) -> None:
+    """The subset must be at the project's pixel size: labels.star is written with the project's
+    optics, so a subset at another pixel size would get wrong shifts (Å → px) silently."""
+    if table.optics is None or proj.pixel_size_ang is None:
+        return
+    sub_pixel = star.pixel_size(table)
+    if not np.isclose(sub_pixel, proj.pixel_size_ang, rtol=PIXEL_RTOL):
+        raise DeepAlignError(f"{subset}: pixel size {sub_pixel:g} Å differs from the project's {proj.pixel_size_ang:g} Å "
+                             f"({proj.particles_star}); give the subset of the same particles (or --angpix if its header is wrong)")
 
 
 def command(
@@ -57,14 +71,11 @@ def command(
     with Timer() as t:
         table = read_any(subset, passthrough=passthrough, angpix=angpix)
         if len(table) == 0:
-            from ..errors import DeepAlignError
-
             raise DeepAlignError(f"{subset}: no particles")
+        check_pixel_size(subset, table, proj)
         eulers, _ = star.get_poses(table, hint="label needs a pre-aligned subset with angles")
         centres = regions.region_centres(reg.spacing_deg, ops)
         if len(centres) == 0:
-            from ..errors import DeepAlignError
-
             raise DeepAlignError(f"--spacing {reg.spacing_deg}: gives 0 regions in the {sym_name} asymmetric unit; use a smaller spacing")
         dirs = geometry.projection_direction(eulers[:, 0], eulers[:, 1])
         idx, dist = regions.assign_regions(dirs, centres, ops)

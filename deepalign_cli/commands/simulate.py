@@ -77,6 +77,9 @@ def command(
     if Project(project).yaml_path.exists():
         proj = Project.open(project)
         check_can_run(proj, "simulate", force)
+        ours = (Path(project) / "simulated" / "particles.star").resolve()
+        if proj.particles_star is not None and proj.particles_star != ours:
+            raise DeepAlignError(f"{proj.root}: already a deepalign project for {proj.particles_star}; simulate into a new project folder")
 
     with removed_on_failure(project), Timer() as t:
         vol_box = np.asarray(preprocess.fourier_crop_volume(vol, out_box)) if out_box != n_map else vol

@@ -50,6 +50,7 @@ def command(
     model: str = typer.Option(None, "--model", help="per_region (paper) or shared_trunk", show_default=False),
     seed: int = typer.Option(None, "--seed", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch of each region"),
+    merge: bool = typer.Option(False, "--merge", help="after SLURM shards: check every region is trained, write metrics, finish the stage"),
     config: Path = CONFIG_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
@@ -61,10 +62,12 @@ def command(
     cfg, tc = stage_config(config, "train", epochs=epochs, images_per_region=images_per_region, model=model, seed=seed)
     proj = Project.open(project)
     proj.require_done("label")
-    check_can_run(proj, "train", force or resume or regions is not None)
     n_regions = n_regions_of(proj)
-    todo = parse_regions(regions, n_regions)
     train_dir = proj.root / "train"
+    if merge:
+        return merge_shards(proj, train_dir, n_regions, tc)
+    check_can_run(proj, "train", force or resume or regions is not None)
+    todo = parse_regions(regions, n_regions)
     if tc.model == "shared_trunk" and regions is not None:
         raise DeepAlignError("--regions: the shared-trunk model trains all regions at once; use model: per_region to shard")
 
@@ -122,6 +125,17 @@ def command(
     write_metrics(train_dir, n_regions)
     proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"],
                    seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang)
+
+
+def merge_shards(proj: Project, train_dir: Path, n_regions: int, tc) -> None:
+    missing = sorted(set(range(n_regions)) - set(ckpt.existing_regions(train_dir)))
+    if missing:
+        raise DeepAlignError(f"{train_dir}: region(s) {format_regions(missing)} not trained yet; run deepalign train --regions {format_regions(missing)}")
+    write_metrics(train_dir, n_regions)
+    seconds = proj.stage("train").get("seconds")
+    proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"], seconds=seconds, config=tc,
+                   box=ckpt.read_entry(ckpt.region_file(train_dir, 0)).get("box"), pixel_ang=ckpt.read_entry(ckpt.region_file(train_dir, 0)).get("pixel_ang"))
+    console.print(f"[green]merged[/green] {n_regions} region checkpoints → {train_dir}/metrics.json")
 
 
 def write_metrics(train_dir: Path, n_regions: int) -> None:

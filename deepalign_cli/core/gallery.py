@@ -53,6 +53,23 @@ def sphere_lattice(step_deg: float) -> np.ndarray:
     return fibonacci_sphere(int(np.ceil(4.0 * np.pi / step**2)))
 
 
+def region_gallery_masks(lattice: np.ndarray, centres: np.ndarray, ops: np.ndarray, regions, margin_deg: float) -> np.ndarray:
+    """Membership (len(regions), L) bool of every lattice direction in each of `regions` (each
+    extended by a margin), computed with ONE symmetry-aware distance evaluation, so the galleries of
+    many region groups cost one pass over the lattice (:func:`region_gallery_indices` is the union
+    of rows).
+
+    lattice: (L, 3) unit vectors (from :func:`sphere_lattice`).  centres: (R, 3) region centres.
+    ops: (G, 3, 3) symmetry operators.  regions: iterable of region indices.  margin_deg: degrees.
+    """
+    lattice = np.asarray(lattice, dtype=float)
+    centres = np.asarray(centres, dtype=float)
+    nearest = direction_region_distances(lattice, centres, ops).min(axis=1)  # (L,) symmetry-aware
+    regions = np.atleast_1d(np.asarray(regions, dtype=int))
+    literal = np.rad2deg(np.arccos(np.clip(lattice @ centres[regions].T, -1.0, 1.0)))  # (L, r)
+    return (literal <= (nearest + margin_deg + TIE_TOLERANCE_DEG)[:, None]).T
+
+
 def region_gallery_indices(lattice: np.ndarray, centres: np.ndarray, ops: np.ndarray, regions, margin_deg: float) -> np.ndarray:
     """Indices into `lattice` of the directions inside any of `regions`, each extended by a margin.
 
@@ -60,14 +77,7 @@ def region_gallery_indices(lattice: np.ndarray, centres: np.ndarray, ops: np.nda
     ops: (G, 3, 3) symmetry operators.  regions: iterable of region indices.  margin_deg: degrees.
     Returns sorted unique int indices (m,).
     """
-    lattice = np.asarray(lattice, dtype=float)
-    centres = np.asarray(centres, dtype=float)
-    nearest = direction_region_distances(lattice, centres, ops).min(axis=1)  # (L,) symmetry-aware
-    keep = np.zeros(len(lattice), bool)
-    for r in np.atleast_1d(np.asarray(regions, dtype=int)):
-        literal = np.rad2deg(np.arccos(np.clip(lattice @ centres[r], -1.0, 1.0)))
-        keep |= literal <= nearest + margin_deg + TIE_TOLERANCE_DEG
-    return np.flatnonzero(keep)
+    return np.flatnonzero(region_gallery_masks(lattice, centres, ops, regions, margin_deg).any(axis=0))
 
 
 def region_gallery(centres: np.ndarray, ops: np.ndarray, region: int, step_deg: float, margin_deg: float) -> np.ndarray:

@@ -52,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import ctf as ctf_mod
-from .gallery import region_gallery_indices, sphere_lattice
+from .gallery import region_gallery_indices, region_gallery_masks, sphere_lattice
 from .geometry import direction_to_angles, euler_to_matrix, matrix_to_euler
-from .projector import VolumeFT, _trilinear
+from .projector import VolumeFT, sample_slices
 from .regions import assign_regions
 
 REFINE_PASSES = 3  # refinement passes; pass p searches ±step/2^p, ±psi_step/2^p, ±1/2^p px
@@ -63,6 +63,10 @@ MAX_PARTICLE_CHUNK = 256
 NORM_EPS = 1e-12
 # transient arrays of one reference/refinement projection, in units of one (N, N) complex64 image
 PROJECTION_WORK_FACTOR = 6
+MAX_TABLE_CHUNK = 1024  # poses projected per reference-table call
+FEATURE_CHUNK = 64  # particles per feature (FFT, CTF) call
+REFINE_CHUNK = 64  # particles per refinement call
+COARSE_CHUNK = 8  # particles per coarse GEMM: b·S shifted particle rows stay cache-sized (measured fastest, both modes)
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["flat_index", "kx", "ky", "sqrt_weight"], meta_fields=["box"])
@@ -163,12 +167,8 @@ def _phases(band: FourierBand, shifts):
 def band_projections(vol_ft: VolumeFT, band: FourierBand, rotmats):
     """Band coefficients (n, K) complex64 of the projections at poses (n, 3, 3): the same values as
     ``project_ft(vol_ft, rotmats)`` gathered at ``band.flat_index``, but only the K band samples
-    are interpolated (K/N² ≈ 0.17 when the band ends at 3 px), which makes reference generation
-    ~6× cheaper."""
-    m = vol_ft.box * vol_ft.pad
-    rot = jnp.asarray(rotmats, jnp.float32)
-    q = band.kx[None, :, None] * rot[:, None, 0, :] + band.ky[None, :, None] * rot[:, None, 1, :]
-    vals = _trilinear(vol_ft.ft_centred.reshape(-1), m, m // 2 + vol_ft.pad * q[..., ::-1])
+    are interpolated (``projector.sample_slices``)."""
+    vals = sample_slices(vol_ft, rotmats, band.kx, band.ky)
     return vals * _phases(band, jnp.full((2,), float(vol_ft.box // 2)))  # image centre at N//2
 
 
@@ -178,26 +178,123 @@ def _weighted_refs(vol_ft, band, rotmats):
 
 
 def _axis_rotation(axis: int, angle_rad):
-    """Right-handed rotation matrix (3, 3) about coordinate axis 0/1/2 (x/y/z)."""
+    """Right-handed rotation matrices (..., 3, 3) about coordinate axis 0/1/2 (x/y/z)."""
+    angle_rad = jnp.asarray(angle_rad, jnp.float32)
     c, s = jnp.cos(angle_rad), jnp.sin(angle_rad)
     i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    m = jnp.eye(3, dtype=jnp.float32)
-    return m.at[i, i].set(c).at[j, j].set(c).at[i, j].set(-s).at[j, i].set(s)
-
-
-def _local_rotations(half_dir_rad, half_psi_rad):
-    """27 image-frame perturbations Rz(c·hψ)·Rx(a·h)·Ry(b·h), a, b, c ∈ {-1, 0, 1}. (27, 3, 3)."""
-    mats = []
-    for a in (-1, 0, 1):
-        for b in (-1, 0, 1):
-            for c in (-1, 0, 1):
-                mats.append(
-                    _axis_rotation(2, c * half_psi_rad) @ _axis_rotation(0, a * half_dir_rad) @ _axis_rotation(1, b * half_dir_rad)
-                )
-    return jnp.stack(mats)
+    m = jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), angle_rad.shape + (3, 3))
+    return m.at[..., i, i].set(c).at[..., j, j].set(c).at[..., i, j].set(-s).at[..., j, i].set(s)
 
 
 _SHIFT_OFFSETS = np.array([(x, y) for y in (-1, 0, 1) for x in (-1, 0, 1)], np.float32)  # (9, 2)
+
+
+@jax.jit
+def particle_features(images, ctfs, band: FourierBand):
+    """Score-side vectors of a chunk of particles: (CTF·√w·Î (b, K) complex, CTF² (b, K), ‖√w·Î‖ (b,)).
+
+    images: (b, N, N) float32.  ctfs: (b, N, N) float32 on the unshifted grid (ones: no CTF).
+    """
+    f = _band_values(band, jnp.fft.fft2(images.astype(jnp.float32))) * band.sqrt_weight
+    c = _band_values(band, ctfs.astype(jnp.float32))
+    return c * f, c * c, jnp.sqrt(jnp.sum(jnp.abs(f) ** 2, axis=-1))
+
+
+@jax.jit
+def reference_table(vol_ft: VolumeFT, band: FourierBand, rotmats):
+    """Cached references of poses (r, 3, 3): ([Re, Im] of √w·R (r, 2K) float32, w·|R|² (r, K))."""
+    rw = _weighted_refs(vol_ft, band, rotmats)
+    return jnp.concatenate([rw.real, rw.imag], axis=-1), jnp.abs(rw) ** 2
+
+
+def _coarse(cf, c2, inorm, chunk_refs, pose_mask, n_ref_chunks, band, shifts_px):
+    """Best (score, reference index, shift index) over the first n_ref_chunks reference chunks.
+
+    chunk_refs(ci) → ([Re, Im] (r_c, 2K), power (r_c, K)). The max over shifts is taken on the raw
+    correlation (the normaliser does not depend on the shift), then normalised per reference."""
+    b = cf.shape[0]
+    j = cf[:, None, :] * _phases(band, shifts_px)[None]  # (b, S, K)
+    j = jnp.concatenate([j.real, j.imag], axis=-1).reshape(b * shifts_px.shape[0], -1)  # (b·S, 2K)
+    r_c = pose_mask.shape[1]
+
+    def body(ci, carry):
+        best, best_ref, best_shift = carry
+        rr, power = chunk_refs(ci)
+        cc = (j @ rr.T).reshape(b, -1, r_c)  # (b, S, r_c): one GEMM per chunk
+        cmax, cs = jnp.max(cc, axis=1), jnp.argmax(cc, axis=1)  # (b, r_c)
+        rnorm = jnp.sqrt(c2 @ power.T)  # (b, r_c)
+        ncc = jnp.where(pose_mask[ci][None], cmax / (inorm[:, None] * rnorm + NORM_EPS), -jnp.inf)
+        arg = jnp.argmax(ncc, axis=-1)
+        score = jnp.take_along_axis(ncc, arg[:, None], axis=-1)[:, 0]
+        better = score > best
+        return (
+            jnp.where(better, score, best),
+            jnp.where(better, ci * r_c + arg, best_ref),
+            jnp.where(better, jnp.take_along_axis(cs, arg[:, None], axis=-1)[:, 0], best_shift),
+        )
+
+    init = (jnp.full((b,), -jnp.inf), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
+    return jax.lax.fori_loop(0, n_ref_chunks, body, init)
+
+
+@jax.jit
+def coarse_search(cf, c2, inorm, refs, powers, pose_mask, n_ref_chunks, band: FourierBand, shifts_px):
+    """Coarse search of particle features (:func:`particle_features`) against cached references.
+
+    refs: (C, r_c, 2K), powers: (C, r_c, K) from :func:`reference_table`, in reference chunks.
+    pose_mask: (C, r_c) bool (False on padding).  n_ref_chunks: traced int ≤ C, chunks searched.
+    shifts_px: (S, 2). Returns (score (b,), reference index into the flattened chunks (b,),
+    shift index (b,))."""
+    return _coarse(cf, c2, inorm, lambda ci: (refs[ci], powers[ci]), pose_mask, n_ref_chunks, band, shifts_px)
+
+
+@jax.jit
+def coarse_search_projected(vol_ft: VolumeFT, cf, c2, inorm, poses, pose_mask, n_ref_chunks, band: FourierBand, shifts_px):
+    """:func:`coarse_search` with the references projected chunk by chunk from poses (C, r_c, 3, 3)
+    (constant memory; used when the reference table does not fit the memory budget)."""
+    return _coarse(cf, c2, inorm, lambda ci: reference_table(vol_ft, band, poses[ci]), pose_mask, n_ref_chunks, band, shifts_px)
+
+
+def _ncc(jj, rws, c2, inorm):
+    """Scores (b, a, 9) of references rws (b, a, K) against shifted particles jj (b, 9, K)."""
+    cc = jnp.einsum("bqk,bak->baq", jj, jnp.conj(rws)).real
+    rnorm = jnp.sqrt(jnp.einsum("bk,bak->ba", c2, jnp.abs(rws) ** 2))
+    return cc / (inorm[:, None, None] * rnorm[:, :, None] + NORM_EPS)
+
+
+@partial(jax.jit, static_argnames=("refine_passes",))
+def refine_poses(vol_ft: VolumeFT, cf, c2, inorm, rotmats, origins_px, band: FourierBand,
+                 angular_step_deg, psi_step_deg, refine_passes: int = REFINE_PASSES):
+    """Local refinement of (rotmats (b, 3, 3), origins_px (b, 2)) — see the module docstring.
+
+    Pass p (scale 2^-p): the 3 × 3 sub-pixel shift grid ±scale px is fixed for the pass; then, one
+    axis after the other (image-frame x, y, then z), the rotations ±h·scale about that axis are
+    projected (2 slices) and the best of (current, +, −) × 9 shifts is kept, h = angular_step for x
+    and y and psi_step for z. The current pose is always a candidate, so the score never decreases.
+    Returns (rotmats (b, 3, 3), origins_px (b, 2), score (b,)).
+    """
+    b = cf.shape[0]
+    rot, origin = rotmats.astype(jnp.float32), origins_px.astype(jnp.float32)
+    cur = _weighted_refs(vol_ft, band, rot)  # (b, K)
+    best = _ncc(cf[:, None, :] * _phases(band, origin)[:, None, :], cur[:, None], c2, inorm)[:, 0, 0]
+    for p in range(refine_passes):
+        scale = 0.5 ** (p + 1)
+        cand_shift = origin[:, None, :] + scale * _SHIFT_OFFSETS[None]  # (b, 9, 2)
+        jj = cf[:, None, :] * _phases(band, cand_shift)  # (b, 9, K)
+        for axis, step in ((0, angular_step_deg), (1, angular_step_deg), (2, psi_step_deg)):
+            h = jnp.deg2rad(step) * scale
+            local = _axis_rotation(axis, jnp.stack([h, -h]))  # (2, 3, 3)
+            cand = jnp.einsum("jik,bkl->bjil", local, rot)  # (b, 2, 3, 3)
+            rws = jnp.concatenate([cur[:, None], _weighted_refs(vol_ft, band, cand.reshape(-1, 3, 3)).reshape(b, 2, -1)], axis=1)
+            ncc = _ncc(jj, rws, c2, inorm).reshape(b, -1)  # (b, 3·9), current pose first
+            arg = jnp.argmax(ncc, axis=-1)
+            best = jnp.take_along_axis(ncc, arg[:, None], axis=-1)[:, 0]
+            a, q = arg // 9, arg % 9
+            cands = jnp.concatenate([rot[:, None], cand], axis=1)
+            rot = jnp.take_along_axis(cands, a[:, None, None, None], axis=1)[:, 0]
+            cur = jnp.take_along_axis(rws, a[:, None, None], axis=1)[:, 0]
+            origin = jnp.take_along_axis(cand_shift, q[:, None, None], axis=1)[:, 0]
+    return rot, origin, best
 
 
 @partial(jax.jit, static_argnames=("refine_passes",))
@@ -214,66 +311,39 @@ def search_particles(
     psi_step_deg,
     refine_passes: int = REFINE_PASSES,
 ):
-    """Best pose and origin of a chunk of particles that share one candidate pose set.
+    """Best pose and origin of a chunk of particles that share one candidate pose set, in one
+    program (projected references, no table): :func:`particle_features`,
+    :func:`coarse_search_projected` and :func:`refine_poses`. ``align_particles`` runs the same
+    three steps separately so that the reference table and the refinement are shared.
 
     vol_ft: prepared reference (box N).  images: (b, N, N) float32 particle images.
     ctfs: (b, N, N) float32 CTFs on the unshifted grid (ones for no CTF correction).
     poses: (C, r_c, 3, 3) candidate pose matrices in reference chunks (gallery × psi, padded).
-    pose_mask: (C, r_c) bool, False on padding.  n_ref_chunks: int scalar (traced) ≤ C — only the
-    first n_ref_chunks chunks are searched, so one compiled program serves every region group.
+    pose_mask: (C, r_c) bool, False on padding.  n_ref_chunks: int scalar (traced) ≤ C.
     band: :func:`fourier_band`.  shifts_px: (S, 2) coarse shift candidates (:func:`shift_disc`).
     angular_step_deg, psi_step_deg: scalars, the gallery steps (set the refinement grid).
     refine_passes: static; 0 = coarse search only.
     Returns (rotmats (b, 3, 3), origins_px (b, 2) (x, y) RELION origin in px, score (b,) NCC).
     """
-    b = images.shape[0]
-    f = _band_values(band, jnp.fft.fft2(images.astype(jnp.float32))) * band.sqrt_weight  # (b, K)
-    c = _band_values(band, ctfs.astype(jnp.float32))  # (b, K)
-    inorm = jnp.sqrt(jnp.sum(jnp.abs(f) ** 2, axis=-1))  # (b,)
-    cf = c * f
-    c2 = c * c
-    j = cf[:, None, :] * _phases(band, shifts_px)[None]  # (b, S, K)
-    j = jnp.concatenate([j.real, j.imag], axis=-1)  # (b, S, 2K)
-    n_shift = shifts_px.shape[0]
-    r_c = poses.shape[1]
+    cf, c2, inorm = particle_features(images, ctfs, band)
+    best, best_ref, best_shift = coarse_search_projected(vol_ft, cf, c2, inorm, poses, pose_mask, n_ref_chunks, band, shifts_px)
+    rot = poses.reshape(-1, 3, 3)[best_ref]
+    origin = shifts_px[best_shift]
+    if refine_passes == 0:
+        return rot, origin, best
+    return refine_poses(vol_ft, cf, c2, inorm, rot, origin, band, angular_step_deg, psi_step_deg, refine_passes=refine_passes)
 
-    def coarse_chunk(ci, carry):
-        best, best_ref, best_shift = carry
-        rw = _weighted_refs(vol_ft, band, poses[ci])  # (r_c, K)
-        rr = jnp.concatenate([rw.real, rw.imag], axis=-1)  # (r_c, 2K)
-        cc = jnp.einsum("bsq,rq->brs", j, rr)  # (b, r_c, S)
-        rnorm = jnp.sqrt(c2 @ (jnp.abs(rw) ** 2).T)  # (b, r_c)
-        ncc = cc / (inorm[:, None, None] * rnorm[:, :, None] + NORM_EPS)
-        ncc = jnp.where(pose_mask[ci][None, :, None], ncc, -jnp.inf).reshape(b, -1)
-        arg = jnp.argmax(ncc, axis=-1)
-        score = jnp.take_along_axis(ncc, arg[:, None], axis=-1)[:, 0]
-        better = score > best
-        return (
-            jnp.where(better, score, best),
-            jnp.where(better, ci * r_c + arg // n_shift, best_ref),
-            jnp.where(better, arg % n_shift, best_shift),
-        )
 
-    init = (jnp.full((b,), -jnp.inf), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
-    best, best_ref, best_shift = jax.lax.fori_loop(0, n_ref_chunks, coarse_chunk, init)
-    rot = poses.reshape(-1, 3, 3)[best_ref]  # (b, 3, 3)
-    origin = shifts_px[best_shift]  # (b, 2)
-
-    for p in range(refine_passes):
-        scale = 0.5 ** (p + 1)
-        local = _local_rotations(jnp.deg2rad(angular_step_deg) * scale, jnp.deg2rad(psi_step_deg) * scale)
-        cand = jnp.einsum("jik,bkl->bjil", local, rot)  # (b, 27, 3, 3)
-        rw = _weighted_refs(vol_ft, band, cand.reshape(-1, 3, 3)).reshape(b, 27, -1)  # (b, 27, K)
-        cand_shift = origin[:, None, :] + scale * _SHIFT_OFFSETS[None]  # (b, 9, 2)
-        jj = cf[:, None, :] * _phases(band, cand_shift)  # (b, 9, K)
-        cc = jnp.einsum("bqk,bjk->bjq", jj, jnp.conj(rw)).real  # (b, 27, 9)
-        rnorm = jnp.sqrt(jnp.einsum("bk,bjk->bj", c2, jnp.abs(rw) ** 2))
-        ncc = (cc / (inorm[:, None, None] * rnorm[:, :, None] + NORM_EPS)).reshape(b, -1)
-        arg = jnp.argmax(ncc, axis=-1)
-        best = jnp.take_along_axis(ncc, arg[:, None], axis=-1)[:, 0]
-        rot = jnp.take_along_axis(cand, (arg // 9)[:, None, None, None], axis=1)[:, 0]
-        origin = jnp.take_along_axis(cand_shift, (arg % 9)[:, None, None], axis=1)[:, 0]
-    return rot, origin, best
+def _binary_pieces(n: int, cap: int) -> list[int]:
+    """Split n particles into pieces of power-of-two sizes ≤ cap (no padding; at most log2(cap)+1
+    compiled shapes): 13 → [8, 4, 1]."""
+    pieces = [cap] * (n // cap)
+    rest = n % cap
+    while rest:
+        p = 1 << (rest.bit_length() - 1)
+        pieces.append(p)
+        rest -= p
+    return pieces
 
 
 def _power_of_two_at_least(n: int) -> int:
@@ -303,6 +373,11 @@ def _ctf_chunk(ctf_params: Mapping | None, idx: np.ndarray, box: int, pixel_size
     )
 
 
+@jax.jit
+def _take_rows(table, rows):
+    return table[rows]
+
+
 def align_particles(
     images,
     vol_ft: VolumeFT,
@@ -324,7 +399,7 @@ def align_particles(
 ) -> dict:
     """Align every particle inside its candidate regions (or the whole asymmetric unit).
 
-    images: (n, N, N) float array-like (a memmap is read chunk by chunk).
+    images: (n, N, N) float array-like (a memmap is read block by block).
     vol_ft: prepared reference map (``projector.prepare_volume``), same box and pixel as images.
     candidate_regions: (n, k) int region indices per particle (e.g. predict's top-k); ignored when
         exhaustive. Particles with the same region SET form a group that shares its references.
@@ -335,11 +410,17 @@ def align_particles(
         ``defocus_v_ang``, ``defocus_angle_deg``, ``voltage_kv``, ``cs_mm``, ``amplitude_contrast``
         (optional ``bfactor_ang2``, ``phase_shift_deg``).
     refine: run the REFINE_PASSES local passes.  lowpass_resolution_ang: band limit of the score.
-    memory_budget_gb: bound on transient arrays (:func:`chunk_sizes`).
+    memory_budget_gb: bound on the reference table and transient arrays (:func:`chunk_sizes`).
     exhaustive: search the union of all regions (no margin) with the same code.
-    progress: called with the number of particles finished after every chunk.
+    progress: called with the number of particles finished after every refined chunk.
     Returns dict of numpy arrays: eulers_deg (n, 3) RELION rot/tilt/psi, origins_px (n, 2) RELION
     (OriginX, OriginY) in px, score (n,) NCC, region (n,) region of the found direction.
+
+    Steps (module docstring): (1) the references of every (direction, psi) pose that any group
+    needs are projected ONCE into a table (when it fits in a quarter of the budget; otherwise they
+    are projected chunk by chunk per group), (2) particle features (FFT, CTF) are computed in fixed
+    chunks, (3) each region group gathers its rows of the table and scores its particles in
+    power-of-two pieces (no padding), (4) the coarse poses are refined in fixed-size chunks.
     """
     n, box = len(images), vol_ft.box
     lattice = sphere_lattice(angular_step_deg)
@@ -351,44 +432,106 @@ def align_particles(
         sets = np.sort(np.asarray(candidate_regions, int).reshape(n, -1), axis=1)
         uniq, keys = np.unique(sets, axis=0, return_inverse=True)
         keys = keys.ravel()
-        galleries = [region_gallery_indices(lattice, centres, ops, np.unique(u), margin_deg) for u in uniq]
+        masks = region_gallery_masks(lattice, centres, ops, range(len(centres)), margin_deg)  # (R, L)
+        galleries = [np.flatnonzero(masks[np.unique(u)].any(axis=0)) for u in uniq]
     band = fourier_band(box, pixel_size_ang, lowpass_resolution_ang)
+    n_coeffs = int(band.flat_index.shape[0])
     shifts = shift_disc(max_shift_px)
+    shifts_j = jnp.asarray(shifts)
     n_refs_max = max(len(g) for g in galleries) * n_psi
-    b_chunk, r_chunk = chunk_sizes(box, int(band.flat_index.shape[0]), len(shifts), n_refs_max, memory_budget_gb)
+    b_chunk, r_chunk = chunk_sizes(box, n_coeffs, len(shifts), n_refs_max, memory_budget_gb)
     n_chunks_max = -(-n_refs_max // r_chunk)
     passes = REFINE_PASSES if refine else 0
+    budget = memory_budget_gb * 2**30
+
+    # (1) reference table: rows d·n_psi + p for the table directions d (sorted lattice indices)
+    table_dirs = np.unique(np.concatenate(galleries))
+    cached = len(table_dirs) * n_psi * 3 * n_coeffs * BYTES_F32 <= budget / 4
+    if cached:
+        all_poses = gallery_poses(lattice[table_dirs], psi_step_deg)
+        tab_chunk = min(r_chunk, MAX_TABLE_CHUNK)
+        pad = -len(all_poses) % tab_chunk
+        padded = np.concatenate([all_poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
+        parts = [reference_table(vol_ft, band, jnp.asarray(padded[s : s + tab_chunk])) for s in range(0, len(padded), tab_chunk)]
+        table = jnp.concatenate([p[0] for p in parts])[: len(all_poses)]
+        powers = jnp.concatenate([p[1] for p in parts])[: len(all_poses)]
+        del parts
+        row_of_dir = np.full(len(lattice), -1, np.int64)
+        row_of_dir[table_dirs] = np.arange(len(table_dirs)) * n_psi
+
+    # (2) particle features, block by block (a block's features take ≤ a quarter of the budget)
+    block = int(max(b_chunk, budget / 4 // (3 * n_coeffs * BYTES_F32 + box * box * BYTES_F32)))
+    feat_chunk = min(FEATURE_CHUNK, _power_of_two_at_least(n))
+    ref_chunk = min(REFINE_CHUNK, b_chunk, _power_of_two_at_least(n))
 
     rotmats = np.zeros((n, 3, 3), np.float32)
     origins = np.zeros((n, 2), np.float32)
     scores = np.zeros(n, np.float32)
     done = 0
-    for g, gallery in enumerate(galleries):
-        members = np.flatnonzero(keys == g)
-        if len(members) == 0:
-            continue
-        poses = gallery_poses(lattice[gallery], psi_step_deg)
-        pad = n_chunks_max * r_chunk - len(poses)
-        mask = np.concatenate([np.ones(len(poses), bool), np.zeros(pad, bool)]).reshape(n_chunks_max, r_chunk)
-        poses = np.concatenate([poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
-        poses = jnp.asarray(poses.reshape(n_chunks_max, r_chunk, 3, 3))
-        mask = jnp.asarray(mask)
-        n_used = jnp.int32(-(-len(gallery) * n_psi // r_chunk))
-        b_group = min(b_chunk, _power_of_two_at_least(len(members)))  # few compiled shapes, little padding
-        for start in range(0, len(members), b_group):
-            idx = members[start : start + b_group]
-            fill = np.concatenate([idx, np.full(b_group - len(idx), idx[0])])  # static chunk shape
+    for b0 in range(0, n, block):
+        ids = np.arange(b0, min(n, b0 + block))
+        feats = []
+        for s in range(0, len(ids), feat_chunk):
+            idx = ids[s : s + feat_chunk]
+            fill = np.concatenate([idx, np.full(feat_chunk - len(idx), idx[0])])
             imgs = jnp.asarray(np.stack([np.asarray(images[i], np.float32) for i in fill]))
-            ctfs = _ctf_chunk(ctf_params, fill, box, pixel_size_ang)
-            rot, org, sc = search_particles(
-                vol_ft, imgs, ctfs, poses, mask, n_used, band, jnp.asarray(shifts),
-                angular_step_deg, psi_step_deg, refine_passes=passes,
-            )
-            k = len(idx)
-            rotmats[idx], origins[idx], scores[idx] = np.asarray(rot)[:k], np.asarray(org)[:k], np.asarray(sc)[:k]
-            done += k
-            if progress is not None:
-                progress(done)
+            feats.append(particle_features(imgs, _ctf_chunk(ctf_params, fill, box, pixel_size_ang), band))
+        cf_all, c2_all, in_all = (jnp.concatenate([f[i] for f in feats])[: len(ids)] for i in range(3))
+        del feats
+
+        pending: list[np.ndarray] = []  # block-local particle indices waiting for refinement
+
+        def flush(final: bool):
+            nonlocal done, pending
+            while pending and (final or sum(map(len, pending)) >= ref_chunk):
+                cat = np.concatenate(pending)
+                idx, rest = cat[:ref_chunk], cat[ref_chunk:]
+                pending = [rest] if len(rest) else []
+                if passes:
+                    fill = np.concatenate([idx, np.full(ref_chunk - len(idx), idx[0])])
+                    fj = jnp.asarray(fill)
+                    g = ids[fill]
+                    rot, org, sc = refine_poses(
+                        vol_ft, cf_all[fj], c2_all[fj], in_all[fj], jnp.asarray(rotmats[g]), jnp.asarray(origins[g]),
+                        band, angular_step_deg, psi_step_deg, refine_passes=passes,
+                    )
+                    k = len(idx)
+                    rotmats[ids[idx]], origins[ids[idx]], scores[ids[idx]] = np.asarray(rot)[:k], np.asarray(org)[:k], np.asarray(sc)[:k]
+                done += len(idx)
+                if progress is not None:
+                    progress(done)
+
+        for g, gallery in enumerate(galleries):
+            members = np.flatnonzero(keys[ids] == g)
+            if len(members) == 0:
+                continue
+            poses = gallery_poses(lattice[gallery], psi_step_deg)
+            pad = n_chunks_max * r_chunk - len(poses)
+            mask = jnp.asarray(np.concatenate([np.ones(len(poses), bool), np.zeros(pad, bool)]).reshape(n_chunks_max, r_chunk))
+            n_used = jnp.int32(-(-len(poses) // r_chunk))
+            if cached:
+                rows = (row_of_dir[gallery][:, None] + np.arange(n_psi)).ravel()
+                rows = jnp.asarray(np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32))
+                refs_g = _take_rows(table, rows).reshape(n_chunks_max, r_chunk, -1)
+                pow_g = _take_rows(powers, rows).reshape(n_chunks_max, r_chunk, -1)
+            else:
+                padded = np.concatenate([poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
+                poses_j = jnp.asarray(padded.reshape(n_chunks_max, r_chunk, 3, 3))
+            start = 0
+            for size in _binary_pieces(len(members), min(b_chunk, COARSE_CHUNK)):
+                idx = members[start : start + size]
+                start += size
+                ij = jnp.asarray(idx)
+                if cached:
+                    sc, ref, sh = coarse_search(cf_all[ij], c2_all[ij], in_all[ij], refs_g, pow_g, mask, n_used, band, shifts_j)
+                else:
+                    sc, ref, sh = coarse_search_projected(vol_ft, cf_all[ij], c2_all[ij], in_all[ij], poses_j, mask, n_used, band, shifts_j)
+                rotmats[ids[idx]] = poses[np.asarray(ref)]
+                origins[ids[idx]] = shifts[np.asarray(sh)]
+                scores[ids[idx]] = np.asarray(sc)
+                pending.append(idx)
+                flush(False)
+        flush(True)
     region, _ = assign_regions(rotmats[:, 2, :].astype(float), centres, ops)
     return {
         "eulers_deg": matrix_to_euler(rotmats.astype(float)),

@@ -61,18 +61,40 @@ def staged_dir(final: Path | str):
     import shutil
 
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    if final.exists() and not final.is_dir():
+        raise DeepAlignError(f"{final}: exists and is not a folder; move it away (the stage writes its outputs there)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as e:
+        raise DeepAlignError(f"{final}: cannot create output folder ({e.strerror})")
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        try:
+            _swap_in(tmp, final)
+        except OSError as e:
+            raise DeepAlignError(f"{final}: cannot replace the output folder ({e.strerror})")
+    except DeepAlignError as e:  # name the final path, not the hidden temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DeepAlignError(str(e).replace(str(tmp), str(final))) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename folder `tmp` onto `final`; an existing `final` is removed only once `tmp` is in place."""
+    import shutil
+
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old.{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

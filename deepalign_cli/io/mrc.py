@@ -61,7 +61,7 @@ def _data_layout(path: Path):
     try:
         dtype = mrcfile.utils.data_dtype_from_header(header)
     except ValueError:
-        raise DeepAlignError(f"{path}: unsupported MRC mode {int(header.mode)}")
+        raise DeepAlignError(f"{path}: not a valid MRC file (unsupported mode {int(header.mode)})")
     shape = (int(header.nz), int(header.ny), int(header.nx))
     offset = MRC_HEADER_BYTES + ext_bytes
     need = offset + int(np.prod(shape)) * dtype.itemsize

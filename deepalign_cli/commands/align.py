@@ -1,0 +1,319 @@
+"""Correlation search (rot, tilt, psi, shifts) of every particle inside its predicted regions.
+
+Examples:
+
+    deepalign align demo                                   # reference: demo/reconstruct/reference/map.mrc
+    deepalign align demo --reference emd_1234.mrc --angular-step 3 --max-shift 8
+    deepalign align demo --top-k 1                         # only the most probable region
+    deepalign align demo --regions 0-9,17                  # one SLURM shard (top-1 region in the list)
+    deepalign align demo --merge                           # shards → demo/align/aligned.star
+    deepalign align demo --exhaustive                      # whole asymmetric unit → demo/align_exhaustive/
+
+Reference: --reference, else PROJECT/reconstruct/reference/map.mrc (`deepalign reconstruct PROJECT
+--from PROJECT/label/labels.star --out reference`), else that same reconstruction built on the fly
+from the labelled subset (the paper's workflow; a notice says so). A map whose voxel size differs
+from the particles' working pixel is Fourier-cropped to it and centred/padded to the working box
+(notice); a map coarser than the working pixel, or one that cannot be brought within 1 % of it, is
+an error. The reference is low-passed to align.lowpass_resolution_ang, else
+preprocess.target_resolution_ang, else 3 × the working pixel (the paper's pixel = resolution / 3);
+the score uses the same band. Angular step default: Crowther, atan(resolution / box size in Å);
+psi step default: the angular step. The gallery margin is at least 2 × 0.77 × step so that a pose
+on a region border always has its nearest lattice direction in the gallery.
+
+Candidate regions are the top-k of PROJECT/predict/predictions.star (`deepalign predict` first;
+not needed with --exhaustive). Particles are streamed in chunks sized by align.memory_budget_gb.
+Writes PROJECT/align/ (PROJECT/align_exhaustive/ with --exhaustive): aligned.star (the project's
+particle table, every column kept, + rlnAngleRot/Tilt/Psi, rlnOriginXAngst/YAngst, rlnDeepAlignScore,
+rlnDeepAlignRegion), scores.png, angles.png, summary.json. --regions writes only
+shards/aligned_SPEC.star (+ .json); --merge joins the shards once every particle is covered.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import typer
+
+from .. import plots
+from ..config import PreprocessConfig, RegionConfig
+from ..core import gallery, preprocess, projector, regions
+from ..core.search import align_particles
+from ..errors import DeepAlignError
+from ..io import mrc, star
+from ..io.atomic import staged_dir, write_text_atomic
+from ..io.project import Project
+from ..particles import ParticleSource, check_against_project
+from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
+from .reconstruct import project_preprocess, reconstruct_particles
+from .symmetry_arg import operators_for
+
+REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after resampling
+SHARDS = "shards"
+PREDICTIONS_COLUMN = "rlnDeepAlignRegions"
+TOP1_COLUMN = "rlnDeepAlignRegion1"
+
+
+# ----------------------------------------------------------------------------------- inputs
+def parse_region_spec(spec: str) -> np.ndarray:
+    """'0-9,17' → array([0, 1, …, 9, 17]); one-line error on anything else."""
+    out = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise DeepAlignError(f"--regions {spec}: expected region indices and ranges such as 0-9,17")
+        out.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return np.array(sorted(out), int)
+
+
+def read_predictions(proj: Project, table: star.ParticleTable, n_regions: int, top_k: int | None, why: str = "") -> list[list[int]]:
+    """Candidate regions per particle (best first) from PROJECT/predict/predictions.star."""
+    path = proj.root / "predict" / "predictions.star"
+    if not path.is_file():
+        raise DeepAlignError(f"{path}: not found; run deepalign predict first{why or ' (or align --exhaustive)'}")
+    pred = star.read_particles(path).particles
+    if PREDICTIONS_COLUMN not in pred:
+        raise DeepAlignError(f"{path}: no {PREDICTIONS_COLUMN} column; rerun deepalign predict")
+    if len(pred) != len(table) or ("rlnImageName" in pred and list(pred["rlnImageName"].astype(str)) != star.image_names(table)):
+        raise DeepAlignError(f"{path}: does not list the project's {len(table)} particles in order; rerun deepalign predict --force")
+    try:
+        cands = [[int(x) for x in str(v).split(",") if x.strip()] for v in pred[PREDICTIONS_COLUMN]]
+    except ValueError:
+        raise DeepAlignError(f"{path}: {PREDICTIONS_COLUMN} must hold comma-separated region indices such as '3,17'")
+    if top_k is not None:
+        cands = [c[:top_k] for c in cands]
+    bad = [r for c in cands for r in c if not 0 <= r < n_regions]
+    if bad or any(len(c) == 0 for c in cands):
+        what = f"region {bad[0]}" if bad else "a particle without regions"
+        raise DeepAlignError(f"{path}: {what} but the project has {n_regions} regions (0–{n_regions - 1}); rerun deepalign predict")
+    return cands
+
+
+def candidate_matrix(cands: list[list[int]]) -> np.ndarray:
+    """(n, k_max) int: rows of different length are padded with their first region (a set, so no change)."""
+    k = max(len(c) for c in cands)
+    return np.array([c + [c[0]] * (k - len(c)) for c in cands], int)
+
+
+def _centred_box(vol: np.ndarray, box: int) -> np.ndarray:
+    """Crop or zero-pad a map (n, n, n) to (box, box, box), keeping the centre voxel n//2 at box//2."""
+    n = vol.shape[0]
+    if n >= box:
+        s = n // 2 - box // 2
+        return vol[s : s + box, s : s + box, s : s + box]
+    out = np.zeros((box, box, box), np.float32)
+    s = box // 2 - n // 2
+    out[s : s + n, s : s + n, s : s + n] = vol
+    return out
+
+
+def reference_at_working_geometry(path: Path, box: int, pixel_ang: float) -> np.ndarray:
+    """A user map brought to the particles' working box and pixel (Fourier crop, then centre crop/pad)."""
+    vol, voxel = mrc.read_map(path)
+    if not voxel:
+        raise DeepAlignError(f"{path}: the header has no voxel size; set it (e.g. relion_image_handler --angpix) to {pixel_ang:g} Å")
+    n_map = vol.shape[0]
+    if voxel > pixel_ang * (1 + REFERENCE_PIXEL_TOLERANCE):
+        raise DeepAlignError(f"{path}: voxel size {voxel:g} Å is coarser than the particles' working pixel {pixel_ang:g} Å; "
+                             f"give a map at ≤ {pixel_ang:g} Å/px or a preprocess.target_resolution_ang ≥ {3 * voxel:g}")
+    n_new = min(n_map, int(round(n_map * voxel / pixel_ang)))
+    resampled = voxel * n_map / n_new
+    if abs(resampled - pixel_ang) > REFERENCE_PIXEL_TOLERANCE * pixel_ang:
+        raise DeepAlignError(f"{path}: {n_map} px at {voxel:g} Å cannot be Fourier-cropped to the working pixel {pixel_ang:g} Å "
+                             f"(nearest: {n_new} px at {resampled:.4g} Å); resample the map to {pixel_ang:g} Å/px first")
+    if (n_new, n_map) != (box, box) or abs(voxel - pixel_ang) > 1e-4 * pixel_ang:
+        console.print(f"[yellow]notice:[/yellow] reference {path.name} ({n_map} px, {voxel:g} Å) resampled to the particles' "
+                      f"working {box} px at {pixel_ang:g} Å (Fourier crop to {n_new} px, then centre {'crop' if n_new > box else 'pad'})")
+    if n_new != n_map:
+        vol = np.asarray(preprocess.fourier_crop_volume(vol, n_new))
+    return _centred_box(vol, box)
+
+
+def load_reference(proj: Project, path: Path | None, source: ParticleSource, pre: PreprocessConfig, config_path: Path | None):
+    """(map at the working geometry, description): --reference, the project's reference, or one built now."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise DeepAlignError(f"{path}: reference map not found")
+        return reference_at_working_geometry(Path(path), source.box, source.pixel_ang), str(Path(path).resolve())
+    default = proj.root / "reconstruct" / "reference" / "map.mrc"
+    if default.is_file():
+        return reference_at_working_geometry(default, source.box, source.pixel_ang), str(default)
+    labels = proj.output("label", "labels.star")
+    console.print(f"[yellow]notice:[/yellow] no {default.relative_to(proj.root)}; reconstructing the reference from {labels.relative_to(proj.root)} "
+                  f"now (keep it with: deepalign reconstruct {proj.root} --from {labels} --out reference)")
+    _, rec = stage_config(config_path, "reconstruct")
+    subset = star.read_particles(labels)
+    eulers, origins = star.get_poses(subset, hint="the labelled subset needs poses")
+    sub_source = ParticleSource(subset, pre)
+    check_against_project(sub_source, proj, labels)
+    result = reconstruct_particles(sub_source, eulers, origins, rec, description="reference")
+    console.print(f"reference from {len(subset)} labelled particles: {result['resolution_ang']:.1f} Å at FSC 0.143")
+    return result["map"], f"on the fly from {labels}"
+
+
+# ------------------------------------------------------------------------------------ output
+def with_alignment(table: star.ParticleTable, rows: np.ndarray, eulers: np.ndarray, origins_ang: np.ndarray,
+                   score: np.ndarray, region: np.ndarray) -> star.ParticleTable:
+    """The rows of `table` with their poses, score and region (all input columns kept)."""
+    sub = star.ParticleTable(table.particles.iloc[rows].reset_index(drop=True), table.optics, table.source)
+    out = star.set_poses(sub, eulers, origins_ang)
+    out.particles["rlnDeepAlignScore"] = np.round(np.asarray(score, float), 6)
+    out.particles["rlnDeepAlignRegion"] = np.asarray(region, int)
+    return out
+
+
+def write_stage(out_dir: Path, aligned: star.ParticleTable, summary: dict) -> list[Path]:
+    """aligned.star, scores.png, angles.png, summary.json into out_dir (whole or not at all; shards/ kept)."""
+    names = ("aligned.star", "scores.png", "angles.png", "summary.json")
+    df = aligned.particles
+    mode = summary["mode"]
+    with staged_dir(out_dir) as tmp:
+        star.write_particles(tmp / "aligned.star", aligned)
+        plots.histogram(tmp / "scores.png", df["rlnDeepAlignScore"].to_numpy(float), "normalised cross-correlation",
+                        f"{len(df)} particles, {mode} search")
+        plots.angular_distribution(tmp / "angles.png", df["rlnAngleRot"].to_numpy(float), df["rlnAngleTilt"].to_numpy(float),
+                                   f"projection directions ({mode})")
+        write_text_atomic(tmp / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if (out_dir / SHARDS).is_dir():
+            (out_dir / SHARDS).replace(tmp / SHARDS)
+    return [out_dir / f for f in names]
+
+
+def merge_shards(proj: Project, table: star.ParticleTable, out_dir: Path) -> tuple[star.ParticleTable, dict]:
+    """The project's table with the poses of every shard in out_dir/shards/; error naming what is missing."""
+    files = sorted((out_dir / SHARDS).glob("aligned_*.star"))
+    if not files:
+        raise DeepAlignError(f"{out_dir / SHARDS}: no shard STAR files; run deepalign align {proj.root} --regions SPEC first")
+    parts = [star.read_particles(f).particles for f in files]
+    merged = pd.concat(parts, ignore_index=True).sort_values("rlnDeepAlignScore", ascending=False, kind="stable")
+    merged = merged.drop_duplicates("rlnImageName").set_index("rlnImageName")
+    names = pd.Index(star.image_names(table))
+    missing = np.flatnonzero(~names.isin(merged.index))
+    if len(missing):
+        path = proj.root / "predict" / "predictions.star"
+        hint = ""
+        if path.is_file():
+            top1 = [int(str(v).split(",")[0]) for v in star.read_particles(path).particles[PREDICTIONS_COLUMN].iloc[missing]]
+            hint = f" (top-1 regions {','.join(map(str, sorted(set(top1))))}); run deepalign align {proj.root} --regions " + ",".join(map(str, sorted(set(top1))))
+        raise DeepAlignError(f"{out_dir / SHARDS}: {len(missing)} of {len(table)} particles are in no shard, e.g. {names[missing[0]]}{hint}")
+    got = merged.loc[names]
+    cols = [*star.ANGLE_COLUMNS, *star.ORIGIN_ANG_COLUMNS]
+    out = with_alignment(table, np.arange(len(table)), got[cols[:3]].to_numpy(float), got[cols[3:]].to_numpy(float),
+                         got["rlnDeepAlignScore"].to_numpy(float), got["rlnDeepAlignRegion"].to_numpy(int))
+    shard_info = [json.loads(f.with_suffix(".json").read_text()) for f in files if f.with_suffix(".json").is_file()]
+    seconds = float(sum(s.get("seconds", 0.0) for s in shard_info))
+    return out, {"shards": [f.name for f in files], "seconds": round(seconds, 3)}
+
+
+# ----------------------------------------------------------------------------------- command
+def command(
+    project: Path = PROJECT_ARG,
+    reference: Path = typer.Option(None, "--reference", "-r", help="reference map (MRC); default: PROJECT/reconstruct/reference/map.mrc", show_default=False),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="search the whole asymmetric unit (baseline) → PROJECT/align_exhaustive/"),
+    regions_spec: str = typer.Option(None, "--regions", help="shard: only particles whose top-1 region is in e.g. 0-9,17", show_default=False),
+    merge: bool = typer.Option(False, "--merge", help="join the --regions shards into aligned.star"),
+    angular_step: float = typer.Option(None, "--angular-step", help="gallery direction step (°)", show_default=False),
+    psi_step: float = typer.Option(None, "--psi-step", help="in-plane step (°)", show_default=False),
+    max_shift: float = typer.Option(None, "--max-shift", help="largest |origin| searched (working px)", show_default=False),
+    top_k: int = typer.Option(None, "--top-k", min=1, help="use only the first k predicted regions of each particle", show_default=False),
+    config: Path = CONFIG_OPT,
+    force: bool = FORCE_OPT,
+) -> None:
+    """Correlation search inside each particle's top-k regions (or the whole asymmetric unit)."""
+    cfg, al = stage_config(config, "align", angular_step_deg=angular_step, psi_step_deg=psi_step, max_shift_px=max_shift)
+    proj = Project.open(project)
+    stage = "align_exhaustive" if exhaustive else "align"
+    out_dir = proj.root / stage
+    if merge and regions_spec is not None:
+        raise DeepAlignError("--merge and --regions: run the shards first, then --merge alone")
+    shard = parse_region_spec(regions_spec) if regions_spec is not None else None
+    shard_path = out_dir / SHARDS / f"aligned_{regions_spec.replace(',', '_').replace(' ', '')}.star" if shard is not None else None
+    if shard is None:
+        check_can_run(proj, stage, force)
+    elif shard_path.exists() and not force:
+        raise DeepAlignError(f"{shard_path}: shard already aligned; use --force to redo")
+    if proj.particles_star is None:
+        raise DeepAlignError(f"{proj.root}: the project has no particle STAR (deepalign init PROJECT --particles …)")
+    table = star.read_particles(proj.particles_star)
+    mode = "exhaustive" if exhaustive else "restricted"
+
+    if merge:
+        with Timer() as t:
+            aligned, info = merge_shards(proj, table, out_dir)
+        summary = {"mode": mode, "n_particles": len(aligned), **info, "merge_seconds": round(t.seconds, 3)}
+        outputs = write_stage(out_dir, aligned, summary)
+        proj.mark_done(stage, outputs=outputs, seconds=info["seconds"], config=al, mode=mode, merged_shards=len(info["shards"]))
+        console.print(f"[green]merged[/green] {len(info['shards'])} shards, {len(aligned)} particles → {outputs[0]}")
+        return
+
+    reg_dict = proj.stage_config("regions")
+    reg = RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions
+    ops, _ = operators_for(reg.symmetry, option="regions.symmetry")
+    centres = regions.region_centres(reg.spacing_deg, ops)
+    cands = None
+    if not exhaustive or shard is not None:
+        cands = read_predictions(proj, table, len(centres), top_k, why=" (--regions shards by top-1 region)" if exhaustive else "")
+    rows = np.arange(len(table))
+    if shard is not None:
+        rows = np.flatnonzero(np.isin([c[0] for c in cands], shard))
+        if len(rows) == 0:
+            raise DeepAlignError(f"--regions {regions_spec}: no particle has its top-1 region in this list")
+
+    pre = project_preprocess(proj, config)
+    source = ParticleSource(table, pre)
+    check_against_project(source, proj, proj.particles_star)
+    box, pixel = source.box, source.pixel_ang
+    resolution = al.lowpass_resolution_ang or pre.target_resolution_ang or preprocess.PAPER_PIXEL_PER_RESOLUTION * pixel
+    resolution = max(resolution, 2 * pixel)
+    step = al.angular_step_deg or gallery.default_angular_step_deg(resolution, box * pixel)
+    psi = al.psi_step_deg or step
+    margin = max(al.region_margin_deg, 2 * gallery.COVERING_RADIUS_FACTOR * step)
+
+    with Timer() as t:
+        vol, ref_desc = load_reference(proj, reference, source, pre, config)
+        vol_ft = projector.prepare_volume(preprocess.lowpass_volume(vol, pixel, resolution))
+        cand_mat = candidate_matrix([cands[i] for i in rows]) if cands is not None and not exhaustive else None
+        order = np.lexsort(np.sort(cand_mat, axis=1).T[::-1]) if cand_mat is not None else np.arange(len(rows))
+        n = len(rows)
+        eulers, origins_px = np.zeros((n, 3)), np.zeros((n, 2))
+        score, region = np.zeros(n), np.zeros(n, int)
+        chunk = source.chunk_size(al.memory_budget_gb)
+        t0 = time.perf_counter()
+        with progress() as bar:
+            task = bar.add_task(f"align ({mode})", total=n, rate="")
+            for start in range(0, n, chunk):
+                local = order[start : start + chunk]
+                idx = rows[local]
+
+                def tick(done, base=start):
+                    bar.update(task, completed=base + done, rate=f"{(base + done) / max(time.perf_counter() - t0, 1e-9):.1f} particles/s")
+
+                out = align_particles(
+                    source.read(idx), vol_ft, None if cand_mat is None else cand_mat[local], centres, ops,
+                    pixel_size_ang=pixel, angular_step_deg=step, psi_step_deg=psi, margin_deg=margin, max_shift_px=al.max_shift_px,
+                    ctf_params=source.ctf_params(idx) if al.ctf else None, refine=al.refine, lowpass_resolution_ang=resolution,
+                    memory_budget_gb=al.memory_budget_gb, exhaustive=exhaustive, progress=tick,
+                )
+                eulers[local], origins_px[local] = out["eulers_deg"], out["origins_px"]
+                score[local], region[local] = out["score"], out["region"]
+    aligned = with_alignment(table, rows, eulers, origins_px * pixel, score, region)
+    summary = {"mode": mode, "n_particles": n, "seconds": round(t.seconds, 3), "particles_per_s": round(n / max(t.seconds, 1e-9), 3),
+               "reference": ref_desc, "working_box_px": box, "working_pixel_ang": pixel, "lowpass_resolution_ang": round(resolution, 3),
+               "angular_step_deg": round(step, 4), "psi_step_deg": round(psi, 4), "margin_deg": round(margin, 4),
+               "max_shift_px": al.max_shift_px, "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
+               "median_score": float(np.median(score)), "regions": regions_spec}
+    if shard is not None:
+        star.write_particles(shard_path, aligned)
+        write_text_atomic(shard_path.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+        console.print(f"[green]aligned[/green] shard {regions_spec}: {n} particles in {t.seconds:.1f} s "
+                      f"({summary['particles_per_s']:.1f} particles/s) → {shard_path}")
+        return
+    outputs = write_stage(out_dir, aligned, summary)
+    proj.mark_done(stage, outputs=outputs, seconds=t.seconds, config=al, mode=mode, n_particles=n,
+                   angular_step_deg=summary["angular_step_deg"], psi_step_deg=summary["psi_step_deg"])
+    console.print(f"[green]aligned[/green] {n} particles ({mode}, step {step:.2f}°/{psi:.2f}°, {box} px at {pixel:.3f} Å) in "
+                  f"{t.seconds:.1f} s ({summary['particles_per_s']:.1f} particles/s), median NCC {summary['median_score']:.3f} → {outputs[0]}")
