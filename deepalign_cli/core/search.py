@@ -24,21 +24,24 @@ instead of N². The CTF is real, so it is folded into the particle side and the 
 shared by every particle of a region group.
 
 References: every (gallery direction, psi) pair is projected directly with the Fourier-slice
-projector at (rot, tilt, psi) — an in-plane rotation of a central slice IS the slice of the rotated
-pose, so this is the exact in-plane rotation at the cost of one slice (N² trilinear samples),
-against b·S·2K multiply-adds to correlate it with a chunk of b particles: for b ≥ 16 particles the
-projection is a few percent of the work. References are therefore generated chunk by chunk inside
-the jitted loop (constant memory, no cache that has to fit the budget).
+projector at (rot, tilt, psi) (``projector.sample_slices`` on the K band frequencies only). All
+galleries are subsets of one lattice, so ``align_particles`` projects every (direction, psi) pose
+that any region group needs ONCE into a reference table (when it fits in a quarter of the memory
+budget; otherwise each group projects its references chunk by chunk), and each group gathers its
+rows. Exhaustive mode uses the same table and the same programs, with one group.
 
-Refinement (``refine_passes`` > 0): around the best pose, a 3 × 3 × 3 grid of small rotations
-(tilts of ±h about the image x and y axes and ±h_psi about z, applied in the image frame so it is
-the same at the poles) times a 3 × 3 grid of sub-pixel shifts (±h_s); h = step/2, h_psi =
-psi_step/2, h_s = 1/2 px in pass 1, halved at every pass. Each pass keeps the best of the grid
-(the centre is in the grid, so the score never decreases).
+Refinement (``refine_passes`` > 0), coordinate-wise: pass p (scale 2^-p) fixes a 3 × 3 grid of
+sub-pixel shifts ±scale px around the current origin, then for the image-frame x, y and z axes in
+turn projects the two rotations ±h·scale about that axis (h = step for x, y; psi_step for z) and
+keeps the best of (current, +, −) × 9 shifts. 6 projections per pass (18 in all, against 81 for a
+full 3 × 3 × 3 grid); the current pose is always a candidate, so the score never decreases.
 
-Everything for one particle chunk — particle FTs, coarse search over all reference chunks
-(a dynamic-length loop, so region groups of different sizes share one compiled program) and the
-refinement passes — is one ``jax.jit`` program with static shapes.
+Particles are scored in power-of-two pieces of a group (no padded particles, at most
+log2(COARSE_CHUNK) + 1 compiled coarse shapes) and refined in fixed-size chunks across groups.
+
+The coarse search loops over a dynamic number of reference chunks, so region groups of different
+sizes share one compiled program; :func:`search_particles` chains the three jitted steps for one
+chunk (projected references).
 """
 
 from __future__ import annotations
