@@ -208,6 +208,91 @@ ROWS = [
 ]
 
 
+# ------------------------------------------------------------------ later stages (train, predict, align)
+
+
+def _labelled(sim: Path) -> Path:
+    run_deepalign("label", sim, "--subset", sim / "simulated" / "subset.star", check=True)
+    return sim
+
+
+def _labels_from_other_box(ws: Path, sim: Path) -> list:
+    _labelled(sim)
+    labels = star.read_particles(sim / "label" / "labels.star")
+    n = len(labels)
+    stack = ws / "small.mrcs"
+    with mrcfile.new(stack) as m:
+        m.set_data(np.random.default_rng(1).normal(size=(n, 16, 16)).astype(np.float32))
+        m.voxel_size = float(star.pixel_size(labels))
+    labels.particles["rlnImageName"] = [f"{i + 1:06d}@{stack}" for i in range(n)]
+    star.write_particles(sim / "label" / "labels.star", labels)
+    return ["train", sim]
+
+
+def _empty_labels(ws: Path, sim: Path) -> list:
+    _labelled(sim)
+    (sim / "label" / "labels.star").write_text(_empty_star(ws).read_text())
+    return ["train", sim]
+
+
+def _fake_trained(sim: Path, regions, payload: bytes = b"not msgpack") -> None:
+    from deepalign_cli.io.project import Project
+
+    _labelled(sim)
+    (sim / "train").mkdir()
+    for r in regions:
+        (sim / "train" / f"region_{r:03d}.msgpack").write_bytes(payload)
+    Project.open(sim).mark_done("train", outputs=[], seconds=1.0)
+
+
+def _missing_checkpoints(ws: Path, sim: Path) -> list:
+    _fake_trained(sim, [0])
+    return ["predict", sim]
+
+
+def _corrupt_checkpoints(ws: Path, sim: Path) -> list:
+    _fake_trained(sim, range(42))
+    return ["predict", sim]
+
+
+def _particles_with(sim: Path, edit) -> None:
+    path = sim / "simulated" / "particles.star"
+    table = star.read_particles(path)
+    edit(table)
+    star.write_particles(path, table)
+
+
+def _stack_index_beyond_stack(ws: Path, sim: Path) -> list:
+    _labelled(sim)
+    _particles_with(sim, lambda t: t.particles.__setitem__("rlnImageName", ["000999@simulated/particles.mrcs", *t.particles["rlnImageName"][1:]]))
+    return ["align", sim, "--exhaustive", "--reference", sim / "simulated" / "map.mrc"]
+
+
+def _nan_image(ws: Path, sim: Path) -> list:
+    _labelled(sim)
+    with mrcfile.mmap(sim / "simulated" / "particles.mrcs", "r+", permissive=True) as m:
+        m.data[7, 5, 5] = np.nan
+    return ["align", sim, "--exhaustive", "--reference", sim / "simulated" / "map.mrc"]
+
+
+def _coarse_reference(ws: Path, sim: Path) -> list:
+    _labelled(sim)
+    return ["align", sim, "--exhaustive", "--reference", _map(ws / "coarse.mrc", voxel_ang=40.0)]
+
+
+STAGE_ROWS = [
+    Row("train-labels-from-another-box", _labels_from_other_box, ("labels.star", "16 px", "32 px")),
+    Row("train-empty-labels", _empty_labels, ("labels.star", "empty")),
+    Row("predict-missing-region-checkpoints", _missing_checkpoints, ("train", "no checkpoint for region(s) 1-41")),
+    Row("predict-corrupt-checkpoint", _corrupt_checkpoints, ("region_000.msgpack", "not a deepalign checkpoint")),
+    Row("align-without-predictions", lambda ws, sim: ["align", _labelled(sim)], ("predictions.star", "run deepalign predict first")),
+    Row("align-stack-index-beyond-stack", _stack_index_beyond_stack, ("particles.mrcs", "image 999", "200")),
+    Row("align-nan-image", _nan_image, ("particles.mrcs", "NaN")),
+    Row("align-reference-coarser-than-particles", _coarse_reference, ("coarse.mrc", "coarser")),
+]
+ROWS += STAGE_ROWS
+
+
 # ------------------------------------------------------------------------------------------ runner
 
 

@@ -27,8 +27,8 @@ def stage_config(config_path: Path | None, section: str, **flags):
     return cfg.model_copy(update={section: stage}), stage
 
 
-def progress(transient: bool = False) -> Progress:
-    """A rich progress bar on stderr (hidden when stderr is not a terminal and rich decides so)."""
+def progress(transient: bool = True) -> Progress:
+    """A rich progress bar on stderr; transient, so a finished or failed stage leaves only its summary or error line."""
     return Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
