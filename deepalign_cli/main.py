@@ -69,7 +69,8 @@ for _name, _module, _help in STAGES:
 def run() -> None:
     """Entry point that turns DeepAlignError into one red line and exit code 1."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except DeepAlignError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)

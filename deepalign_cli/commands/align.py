@@ -26,12 +26,22 @@ Writes PROJECT/align/ (PROJECT/align_exhaustive/ with --exhaustive): aligned.sta
 particle table, every column kept, + rlnAngleRot/Tilt/Psi, rlnOriginXAngst/YAngst, rlnDeepAlignScore,
 rlnDeepAlignRegion), scores.png, angles.png, summary.json. --regions writes only
 shards/aligned_SPEC.star (+ .json); --merge joins the shards once every particle is covered.
+
+Interruption: particles are aligned in fixed chunks (same boundaries for the same settings) and each
+finished chunk is saved atomically to PROJECT/align/.partial/DIGEST/chunk_XXXXX.npz, DIGEST being a
+hash of everything that shapes the result (particles, predictions, reference, steps, shifts, band,
+regions, memory budget). Ctrl-C or SIGTERM stops with exit code 130 and "interrupted; rerun with
+--resume"; `--resume` reuses the chunks saved under the same DIGEST (other settings start from the
+first chunk) and writes the same aligned.star as an uninterrupted run. The partial folder goes
+away when the stage (or shard) is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -45,15 +55,19 @@ from ..core import gallery, preprocess, projector, regions
 from ..core.search import align_particles
 from ..errors import DeepAlignError
 from ..io import mrc, star
-from ..io.atomic import staged_dir, write_text_atomic
+from ..io.atomic import atomic_write, staged_dir, write_text_atomic
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
 from .reconstruct import project_preprocess, reconstruct_particles
 from .symmetry_arg import operators_for
+from .train import exit_on_interrupt, settings_digest
 
 REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after resampling
 SHARDS = "shards"
+PARTIAL = ".partial"
+DIGEST_CHARS = 16  # partial-results folder name: this many hex digits of the settings digest
+RESULT_ARRAYS = ("local", "eulers_deg", "origins_px", "score", "region")
 PREDICTIONS_COLUMN = "rlnDeepAlignRegions"
 TOP1_COLUMN = "rlnDeepAlignRegion1"
 
@@ -209,6 +223,35 @@ def merge_shards(proj: Project, table: star.ParticleTable, out_dir: Path) -> tup
     return out, {"shards": [f.name for f in files], "seconds": round(seconds, 3)}
 
 
+# ------------------------------------------------------------------------------- resumability
+def chunk_file(partial_dir: Path, k: int) -> Path:
+    return partial_dir / f"chunk_{k:05d}.npz"
+
+
+def save_chunk(partial_dir: Path, k: int, local: np.ndarray, out: dict) -> None:
+    """One finished chunk (its row positions and results), written atomically."""
+    with atomic_write(chunk_file(partial_dir, k)) as tmp:
+        np.savez(tmp, local=local, eulers_deg=out["eulers_deg"], origins_px=out["origins_px"], score=out["score"], region=out["region"])
+
+
+def load_chunk(partial_dir: Path, k: int, local: np.ndarray) -> dict | None:
+    """The saved results of chunk k when they cover exactly `local`; None otherwise (recompute)."""
+    path = chunk_file(partial_dir, k)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            saved = {name: z[name] for name in RESULT_ARRAYS}
+    except (OSError, ValueError, KeyError):
+        return None
+    return saved if np.array_equal(saved["local"], local) else None
+
+
+def _array_digest(a) -> bytes:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(str((a.dtype, a.shape)).encode() + a.tobytes()).digest()
+
+
 # ----------------------------------------------------------------------------------- command
 def command(
     project: Path = PROJECT_ARG,
@@ -220,11 +263,21 @@ def command(
     psi_step: float = typer.Option(None, "--psi-step", help="in-plane step (°)", show_default=False),
     max_shift: float = typer.Option(None, "--max-shift", help="largest |origin| searched (working px)", show_default=False),
     top_k: int = typer.Option(None, "--top-k", min=1, help="use only the first k predicted regions of each particle", show_default=False),
+    memory_budget_gb: float = typer.Option(None, "--memory-budget-gb", help="particles are read and aligned in chunks that fit this", show_default=False),
+    resume: bool = typer.Option(False, "--resume", help="reuse the chunks an interrupted run with the same settings finished"),
     config: Path = CONFIG_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
     """Correlation search inside each particle's top-k regions (or the whole asymmetric unit)."""
-    cfg, al = stage_config(config, "align", angular_step_deg=angular_step, psi_step_deg=psi_step, max_shift_px=max_shift)
+    with exit_on_interrupt():
+        _align(project, reference, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
+               resume, config, force)
+
+
+def _align(project, reference, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
+           resume, config, force) -> None:
+    cfg, al = stage_config(config, "align", angular_step_deg=angular_step, psi_step_deg=psi_step, max_shift_px=max_shift,
+                           memory_budget_gb=memory_budget_gb)
     proj = Project.open(project)
     stage = "align_exhaustive" if exhaustive else "align"
     out_dir = proj.root / stage
@@ -282,33 +335,51 @@ def command(
         eulers, origins_px = np.zeros((n, 3)), np.zeros((n, 2))
         score, region = np.zeros(n), np.zeros(n, int)
         chunk = source.chunk_size(al.memory_budget_gb)
+        digest = settings_digest(
+            mode, al, pre, box, pixel, round(resolution, 6), step, psi, margin, chunk,
+            hashlib.sha256(Path(proj.particles_star).read_bytes()).digest(), _array_digest(rows), _array_digest(vol),
+            _array_digest(centres), _array_digest(ops), None if cand_mat is None else _array_digest(cand_mat))
+        partial_dir = out_dir / PARTIAL / digest[:DIGEST_CHARS]
+        if not resume:
+            shutil.rmtree(partial_dir, ignore_errors=True)
+        starts = range(0, n, chunk)
+        reused = 0
         t0 = time.perf_counter()
         with progress() as bar:
             task = bar.add_task(f"align ({mode})", total=n, rate="")
-            for start in range(0, n, chunk):
+            for k, start in enumerate(starts):
                 local = order[start : start + chunk]
                 idx = rows[local]
+                out = load_chunk(partial_dir, k, local) if resume else None
+                if out is None:
+                    def tick(done, base=start):
+                        bar.update(task, completed=base + done, rate=f"{(base + done) / max(time.perf_counter() - t0, 1e-9):.1f} particles/s")
 
-                def tick(done, base=start):
-                    bar.update(task, completed=base + done, rate=f"{(base + done) / max(time.perf_counter() - t0, 1e-9):.1f} particles/s")
-
-                out = align_particles(
-                    source.read(idx), vol_ft, None if cand_mat is None else cand_mat[local], centres, ops,
-                    pixel_size_ang=pixel, angular_step_deg=step, psi_step_deg=psi, margin_deg=margin, max_shift_px=al.max_shift_px,
-                    ctf_params=source.ctf_params(idx) if al.ctf else None, refine=al.refine, lowpass_resolution_ang=resolution,
-                    memory_budget_gb=al.memory_budget_gb, exhaustive=exhaustive, progress=tick,
-                )
+                    out = align_particles(
+                        source.read(idx), vol_ft, None if cand_mat is None else cand_mat[local], centres, ops,
+                        pixel_size_ang=pixel, angular_step_deg=step, psi_step_deg=psi, margin_deg=margin, max_shift_px=al.max_shift_px,
+                        ctf_params=source.ctf_params(idx) if al.ctf else None, refine=al.refine, lowpass_resolution_ang=resolution,
+                        memory_budget_gb=al.memory_budget_gb, exhaustive=exhaustive, progress=tick,
+                    )
+                    save_chunk(partial_dir, k, local, out)
+                else:
+                    reused += 1
+                    bar.update(task, completed=start + len(local))
                 eulers[local], origins_px[local] = out["eulers_deg"], out["origins_px"]
                 score[local], region[local] = out["score"], out["region"]
+        if resume:
+            console.print(f"resume: {reused} of {len(starts)} chunks reused from {partial_dir.relative_to(proj.root)}"
+                          + ("" if reused else " (none saved with these settings; started from the first chunk)"))
     aligned = with_alignment(table, rows, eulers, origins_px * pixel, score, region)
     summary = {"mode": mode, "n_particles": n, "seconds": round(t.seconds, 3), "particles_per_s": round(n / max(t.seconds, 1e-9), 3),
                "reference": ref_desc, "working_box_px": box, "working_pixel_ang": pixel, "lowpass_resolution_ang": round(resolution, 3),
                "angular_step_deg": round(step, 4), "psi_step_deg": round(psi, 4), "margin_deg": round(margin, 4),
                "max_shift_px": al.max_shift_px, "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
-               "median_score": float(np.median(score)), "regions": regions_spec}
+               "median_score": float(np.median(score)), "regions": regions_spec, "chunks": len(starts), "chunks_reused": reused}
     if shard is not None:
         star.write_particles(shard_path, aligned)
         write_text_atomic(shard_path.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(partial_dir, ignore_errors=True)
         console.print(f"[green]aligned[/green] shard {regions_spec}: {n} particles in {t.seconds:.1f} s "
                       f"({summary['particles_per_s']:.1f} particles/s) → {shard_path}")
         return

@@ -12,11 +12,22 @@ in-plane rotations and shifts; a validation split drives early stopping and the 
 Writes PROJECT/train/region_XXX.msgpack (one self-contained checkpoint per region),
 metrics.json, metrics.csv and curves.png; `--regions` trains a subset (shards can run in parallel
 and the last one to finish writes the metrics and marks the stage done).
+
+Interruption: after every region-epoch the region's training state is saved (atomically) to
+PROJECT/train/resume/region_XXX.msgpack. Ctrl-C or SIGTERM (a SLURM time limit) stops with exit
+code 130 and "interrupted; rerun with --resume"; `--resume` skips regions whose final checkpoint was
+written with the same settings and continues the others from their last saved epoch, giving the same
+weights as an uninterrupted run. Saved states carry a digest of the settings that shape the result
+(train and preprocess config, labels.star); `--resume` with other settings is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +44,41 @@ from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ..regionspec import format_regions, parse_regions
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
+
+
+EXIT_INTERRUPTED = 130  # shell convention for a command stopped by SIGINT
+SETTINGS_KEY = "settings"  # digest stored in resume states and final region checkpoints
+
+
+@contextlib.contextmanager
+def exit_on_interrupt():
+    """SIGTERM behaves like Ctrl-C; either one ends the command with one line and exit code 130.
+
+    Everything written so far went through atomic renames, so the project stays valid and the
+    stage's --resume picks up from the last saved piece of work."""
+    main_thread = threading.current_thread() is threading.main_thread()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; rerun with --resume[/yellow]", highlight=False)
+        raise SystemExit(EXIT_INTERRUPTED)
+    finally:
+        if previous is not None:  # None: not the main thread, or a handler installed outside Python
+            signal.signal(signal.SIGTERM, previous)
+
+
+def settings_digest(*parts) -> str:
+    """sha256 (hex) of the JSON of `parts` (pydantic models, dicts, strings, bytes digests)."""
+    h = hashlib.sha256()
+    for part in parts:
+        plain = part.model_dump(mode="json") if hasattr(part, "model_dump") else part
+        h.update(plain if isinstance(plain, bytes) else json.dumps(plain, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def n_regions_of(proj: Project) -> int:
@@ -55,6 +101,11 @@ def command(
     force: bool = FORCE_OPT,
 ) -> None:
     """Train one CNN per region on the labelled subset."""
+    with exit_on_interrupt():
+        _train(project, regions, epochs, images_per_region, model, seed, resume, merge, config, force)
+
+
+def _train(project, regions, epochs, images_per_region, model, seed, resume, merge, config, force) -> None:
     import jax
 
     from ..core import training
@@ -67,7 +118,7 @@ def command(
     if merge:
         return merge_shards(proj, train_dir, n_regions, tc)
     check_can_run(proj, "train", force or resume or regions is not None)
-    todo = parse_regions(regions, n_regions)
+    requested = todo = parse_regions(regions, n_regions)
     if tc.model == "shared_trunk" and regions is not None:
         raise DeepAlignError("--regions: the shared-trunk model trains all regions at once; use model: per_region to shard")
 
@@ -78,18 +129,15 @@ def command(
     y = table.particles["rlnDeepAlignRegion"].to_numpy(int)
     if y.max(initial=-1) >= n_regions:
         raise DeepAlignError(f"{labels_path}: region {y.max()} but the project has {n_regions} regions; rerun deepalign label --force")
+    digest = settings_digest(tc, cfg.preprocess, hashlib.sha256(labels_path.read_bytes()).digest())
+    resume_state = {}
+    if resume:
+        todo, resume_state = resume_plan(train_dir, requested, training.SHARED_REGION if tc.model == "shared_trunk" else None, digest)
     with Timer() as t_load:
         images = src.read(np.arange(len(src)))
 
-    resume_state = {}
-    if resume:
-        for r in ([training.SHARED_REGION] if tc.model == "shared_trunk" else todo):
-            p = ckpt.resume_file(train_dir, r)
-            if p.exists():
-                resume_state[r] = ckpt.read_entry(p)
-
     def save_resume(region, epoch, state):
-        ckpt.write_entry(ckpt.resume_file(train_dir, region), state)
+        ckpt.write_entry(ckpt.resume_file(train_dir, region), {**state, SETTINGS_KEY: digest})
 
     t0 = time.perf_counter()
     n_epochs_total = len(todo) * tc.epochs
@@ -113,18 +161,58 @@ def command(
         results = training.train_regions(images, y, todo, tc, jax.random.key(tc.seed), progress=on_event,
                                          resume_state=resume_state or None, checkpoint_cb=save_resume)
     for r, entry in results.items():
-        ckpt.write_entry(ckpt.region_file(train_dir, r), {**entry, "region": int(r), "box": src.box, "pixel_ang": src.pixel_ang})
-    done = set(ckpt.existing_regions(train_dir))
-    proj.update_stage("train", shards_done=sorted(set(proj.stage("train").get("shards_done", [])) | {format_regions(todo)}))
-    missing = sorted(set(range(n_regions)) - done)
-    console.print(f"[green]trained[/green] regions {format_regions(todo)} in {t.seconds:.1f} s "
+        ckpt.write_entry(ckpt.region_file(train_dir, r), {**entry, "region": int(r), "box": src.box, "pixel_ang": src.pixel_ang, SETTINGS_KEY: digest})
+    shards = record_shard(proj, format_regions(requested))
+    missing = sorted(set(range(n_regions)) - set(ckpt.existing_regions(train_dir)))
+    console.print(f"[green]trained[/green] regions {format_regions(todo) or 'none (all finished before)'} in {t.seconds:.1f} s "
                   f"(+{t_load.seconds:.1f} s loading {len(images)} images at {src.box} px)")
     if missing:
         console.print(f"train: {len(missing)} region(s) still to train ({format_regions(missing)}); the stage is done when all are")
         return
     write_metrics(train_dir, n_regions)
     proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"],
-                   seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang)
+                   seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang, shards_done=shards)
+
+
+def record_shard(proj: Project, spec: str) -> list[str]:
+    """Add `spec` to the train stage's shards_done under the project lock (concurrent shards keep
+    each other's entries); returns the list."""
+    def change(state: dict) -> None:
+        entry = state["stages"].setdefault("train", {"done": False})
+        entry["shards_done"] = sorted(set(entry.get("shards_done") or []) | {spec})
+
+    return proj.update(change)["stages"]["train"]["shards_done"]
+
+
+def resume_plan(train_dir: Path, todo: list[int], shared_key: int | None, digest: str) -> tuple[list[int], dict]:
+    """(regions still to train, their saved states) for --resume.
+
+    A region whose final checkpoint carries `digest` is finished; with the shared trunk
+    (shared_key = its resume key) only all regions together are. A saved state with another
+    digest is an error: it belongs to other settings."""
+    finished = [r for r in todo if _entry_digest(ckpt.region_file(train_dir, r)) == digest]
+    if shared_key is None:
+        todo = [r for r in todo if r not in finished]
+    elif len(finished) == len(todo):
+        todo = []
+    states = {}
+    for r in ([shared_key] if shared_key is not None and todo else todo):
+        path = ckpt.resume_file(train_dir, r)
+        if not path.exists():
+            continue
+        entry = ckpt.read_entry(path)
+        if entry.get(SETTINGS_KEY) != digest:
+            raise DeepAlignError(f"{path}: saved with other train/preprocess settings or labels; rerun with the same --config, "
+                                 f"or without --resume to start over")
+        states[r] = entry
+    if finished:
+        console.print(f"resume: region(s) {format_regions(finished)} already trained; "
+                      f"{len(states)} region state(s) continue from their last saved epoch")
+    return todo, states
+
+
+def _entry_digest(path: Path) -> str | None:
+    return ckpt.read_entry(path).get(SETTINGS_KEY) if path.is_file() else None
 
 
 def merge_shards(proj: Project, train_dir: Path, n_regions: int, tc) -> None:
@@ -132,9 +220,10 @@ def merge_shards(proj: Project, train_dir: Path, n_regions: int, tc) -> None:
     if missing:
         raise DeepAlignError(f"{train_dir}: region(s) {format_regions(missing)} not trained yet; run deepalign train --regions {format_regions(missing)}")
     write_metrics(train_dir, n_regions)
-    seconds = proj.stage("train").get("seconds")
-    proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"], seconds=seconds, config=tc,
-                   box=ckpt.read_entry(ckpt.region_file(train_dir, 0)).get("box"), pixel_ang=ckpt.read_entry(ckpt.region_file(train_dir, 0)).get("pixel_ang"))
+    record = proj.stage("train")
+    first = ckpt.read_entry(ckpt.region_file(train_dir, 0))
+    proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"], seconds=record.get("seconds"),
+                   config=tc, box=first.get("box"), pixel_ang=first.get("pixel_ang"), shards_done=record.get("shards_done", []))
     console.print(f"[green]merged[/green] {n_regions} region checkpoints → {train_dir}/metrics.json")
 
 
