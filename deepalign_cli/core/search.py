@@ -42,11 +42,22 @@ log2(COARSE_CHUNK) + 1 compiled coarse shapes) and refined in fixed-size chunks 
 The coarse search loops over a dynamic number of reference chunks, so region groups of different
 sizes share one compiled program; :func:`search_particles` chains the three jitted steps for one
 chunk (projected references).
+
+Several devices (``core.devices``). When ``jax.devices()`` has D > 1 devices, ``align_particles``
+splits the particle axis of every chunk it scores over a 1-D mesh named "particles": the feature,
+coarse and refinement chunks hold D times as many particles (so each device gets the
+single-device chunk size), every piece is padded to a multiple of D with copies of its first
+particle (their results are dropped), and each device runs the single-device program on its slice
+(``shard_map``, no collectives). The map, the band, the shift disc and the reference table are
+replicated on every device; the table itself is projected with its pose axis split over the
+devices. A particle's pose does not depend on D. With one device the single-device path runs
+unchanged. The memory budget applies per device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from functools import partial
 
@@ -55,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import ctf as ctf_mod
+from . import devices
 from .gallery import region_gallery_indices, region_gallery_masks, sphere_lattice
 from .geometry import direction_to_angles, euler_to_matrix, matrix_to_euler
 from .projector import VolumeFT, sample_slices
@@ -381,6 +393,37 @@ def _take_rows(table, rows):
     return table[rows]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+    """The jitted steps of ``align_particles``: the module-level functions on one device, their
+    ``shard_map``-ped versions (particle / pose axis split over the mesh) on several."""
+
+    features: Callable
+    table: Callable
+    coarse: Callable
+    coarse_projected: Callable
+    refine: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(mesh, refine_passes: int) -> _Programs:
+    refine = partial(refine_poses, refine_passes=refine_passes)
+    if mesh is None:
+        return _Programs(particle_features, reference_table, coarse_search, coarse_search_projected, refine)
+    ax, r = devices.P(devices.PARTICLE_AXIS), devices.P()
+
+    def spmd(f, in_specs):
+        return jax.jit(devices.shard_map(f, mesh, in_specs=in_specs, out_specs=ax))
+
+    return _Programs(
+        features=spmd(particle_features, (ax, ax, r)),
+        table=spmd(reference_table, (r, r, ax)),
+        coarse=spmd(coarse_search, (ax, ax, ax, r, r, r, r, r, r)),
+        coarse_projected=spmd(coarse_search_projected, (r, ax, ax, ax, r, r, r, r, r)),
+        refine=spmd(refine, (r, ax, ax, ax, ax, ax, r, r, r)),
+    )
+
+
 def align_particles(
     images,
     vol_ft: VolumeFT,
@@ -426,6 +469,10 @@ def align_particles(
     power-of-two pieces (no padding), (4) the coarse poses are refined in fixed-size chunks.
     """
     n, box = len(images), vol_ft.box
+    mesh = devices.particle_mesh()  # None on one device: the single-device path, unchanged
+    n_dev = devices.mesh_size(mesh)
+    rep = lambda t: devices.replicate(t, mesh)
+    shard = lambda t: devices.shard_leading(t, mesh, devices.PARTICLE_AXIS)
     lattice = sphere_lattice(angular_step_deg)
     n_psi = len(psi_angles(psi_step_deg))
     if exhaustive:
@@ -441,31 +488,35 @@ def align_particles(
     n_coeffs = int(band.flat_index.shape[0])
     shifts = shift_disc(max_shift_px)
     shifts_j = jnp.asarray(shifts)
+    vol_ft, band, shifts_j = rep(vol_ft), rep(band), rep(shifts_j)
     n_refs_max = max(len(g) for g in galleries) * n_psi
     b_chunk, r_chunk = chunk_sizes(box, n_coeffs, len(shifts), n_refs_max, memory_budget_gb)
     n_chunks_max = -(-n_refs_max // r_chunk)
     passes = REFINE_PASSES if refine else 0
     budget = memory_budget_gb * 2**30
+    prog = _programs(mesh, passes)
 
     # (1) reference table: rows d·n_psi + p for the table directions d (sorted lattice indices)
     table_dirs = np.unique(np.concatenate(galleries))
     cached = len(table_dirs) * n_psi * 3 * n_coeffs * BYTES_F32 <= budget / 4
     if cached:
         all_poses = gallery_poses(lattice[table_dirs], psi_step_deg)
-        tab_chunk = min(r_chunk, MAX_TABLE_CHUNK)
+        tab_chunk = devices.pad_to_multiple(min(r_chunk, MAX_TABLE_CHUNK), n_dev)
         pad = -len(all_poses) % tab_chunk
         padded = np.concatenate([all_poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
-        parts = [reference_table(vol_ft, band, jnp.asarray(padded[s : s + tab_chunk])) for s in range(0, len(padded), tab_chunk)]
-        table = jnp.concatenate([p[0] for p in parts])[: len(all_poses)]
-        powers = jnp.concatenate([p[1] for p in parts])[: len(all_poses)]
+        parts = [prog.table(vol_ft, band, shard(jnp.asarray(padded[s : s + tab_chunk]))) for s in range(0, len(padded), tab_chunk)]
+        table = rep(jnp.concatenate([p[0] for p in parts])[: len(all_poses)])
+        powers = rep(jnp.concatenate([p[1] for p in parts])[: len(all_poses)])
         del parts
         row_of_dir = np.full(len(lattice), -1, np.int64)
         row_of_dir[table_dirs] = np.arange(len(table_dirs)) * n_psi
 
     # (2) particle features, block by block (a block's features take ≤ a quarter of the budget)
     block = int(max(b_chunk, budget / 4 // (3 * n_coeffs * BYTES_F32 + box * box * BYTES_F32)))
-    feat_chunk = min(FEATURE_CHUNK, _power_of_two_at_least(n))
-    ref_chunk = min(REFINE_CHUNK, b_chunk, _power_of_two_at_least(n))
+    # with D devices every chunk holds D× the single-device chunk (a multiple of D): D = 1 unchanged
+    feat_chunk = devices.pad_to_multiple(min(FEATURE_CHUNK * n_dev, _power_of_two_at_least(n)), n_dev)
+    ref_chunk = devices.pad_to_multiple(min(REFINE_CHUNK * n_dev, b_chunk * n_dev, _power_of_two_at_least(n)), n_dev)
+    coarse_cap = min(b_chunk, COARSE_CHUNK) * n_dev
 
     rotmats = np.zeros((n, 3, 3), np.float32)
     origins = np.zeros((n, 2), np.float32)
@@ -478,8 +529,9 @@ def align_particles(
             idx = ids[s : s + feat_chunk]
             fill = np.concatenate([idx, np.full(feat_chunk - len(idx), idx[0])])
             imgs = jnp.asarray(np.stack([np.asarray(images[i], np.float32) for i in fill]))
-            feats.append(particle_features(imgs, _ctf_chunk(ctf_params, fill, box, pixel_size_ang), band))
-        cf_all, c2_all, in_all = (jnp.concatenate([f[i] for f in feats])[: len(ids)] for i in range(3))
+            feats.append(prog.features(shard(imgs), shard(_ctf_chunk(ctf_params, fill, box, pixel_size_ang)), band))
+        # replicated on several devices, so that any group's rows are gathered locally
+        cf_all, c2_all, in_all = (rep(jnp.concatenate([f[i] for f in feats])[: len(ids)]) for i in range(3))
         del feats
 
         pending: list[np.ndarray] = []  # block-local particle indices waiting for refinement
@@ -494,9 +546,9 @@ def align_particles(
                     fill = np.concatenate([idx, np.full(ref_chunk - len(idx), idx[0])])
                     fj = jnp.asarray(fill)
                     g = ids[fill]
-                    rot, org, sc = refine_poses(
-                        vol_ft, cf_all[fj], c2_all[fj], in_all[fj], jnp.asarray(rotmats[g]), jnp.asarray(origins[g]),
-                        band, angular_step_deg, psi_step_deg, refine_passes=passes,
+                    rot, org, sc = prog.refine(
+                        vol_ft, shard(cf_all[fj]), shard(c2_all[fj]), shard(in_all[fj]), shard(jnp.asarray(rotmats[g])),
+                        shard(jnp.asarray(origins[g])), band, angular_step_deg, psi_step_deg,
                     )
                     k = len(idx)
                     rotmats[ids[idx]], origins[ids[idx]], scores[ids[idx]] = np.asarray(rot)[:k], np.asarray(org)[:k], np.asarray(sc)[:k]
@@ -510,8 +562,8 @@ def align_particles(
                 continue
             poses = gallery_poses(lattice[gallery], psi_step_deg)
             pad = n_chunks_max * r_chunk - len(poses)
-            mask = jnp.asarray(np.concatenate([np.ones(len(poses), bool), np.zeros(pad, bool)]).reshape(n_chunks_max, r_chunk))
-            n_used = jnp.int32(-(-len(poses) // r_chunk))
+            mask = rep(jnp.asarray(np.concatenate([np.ones(len(poses), bool), np.zeros(pad, bool)]).reshape(n_chunks_max, r_chunk)))
+            n_used = rep(jnp.int32(-(-len(poses) // r_chunk)))
             if cached:
                 rows = (row_of_dir[gallery][:, None] + np.arange(n_psi)).ravel()
                 rows = jnp.asarray(np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32))
@@ -519,19 +571,20 @@ def align_particles(
                 pow_g = _take_rows(powers, rows).reshape(n_chunks_max, r_chunk, -1)
             else:
                 padded = np.concatenate([poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
-                poses_j = jnp.asarray(padded.reshape(n_chunks_max, r_chunk, 3, 3))
+                poses_j = rep(jnp.asarray(padded.reshape(n_chunks_max, r_chunk, 3, 3)))
             start = 0
-            for size in _binary_pieces(len(members), min(b_chunk, COARSE_CHUNK)):
+            for size in _binary_pieces(len(members), coarse_cap):
                 idx = members[start : start + size]
                 start += size
-                ij = jnp.asarray(idx)
+                ij = jnp.asarray(devices.pad_indices(idx, devices.pad_to_multiple(size, n_dev)))
+                cf, c2, inorm = shard(cf_all[ij]), shard(c2_all[ij]), shard(in_all[ij])
                 if cached:
-                    sc, ref, sh = coarse_search(cf_all[ij], c2_all[ij], in_all[ij], refs_g, pow_g, mask, n_used, band, shifts_j)
+                    sc, ref, sh = prog.coarse(cf, c2, inorm, refs_g, pow_g, mask, n_used, band, shifts_j)
                 else:
-                    sc, ref, sh = coarse_search_projected(vol_ft, cf_all[ij], c2_all[ij], in_all[ij], poses_j, mask, n_used, band, shifts_j)
-                rotmats[ids[idx]] = poses[np.asarray(ref)]
-                origins[ids[idx]] = shifts[np.asarray(sh)]
-                scores[ids[idx]] = np.asarray(sc)
+                    sc, ref, sh = prog.coarse_projected(vol_ft, cf, c2, inorm, poses_j, mask, n_used, band, shifts_j)
+                rotmats[ids[idx]] = poses[np.asarray(ref)[:size]]
+                origins[ids[idx]] = shifts[np.asarray(sh)[:size]]
+                scores[ids[idx]] = np.asarray(sc)[:size]
                 pending.append(idx)
                 flush(False)
         flush(True)

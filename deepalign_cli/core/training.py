@@ -24,6 +24,14 @@ cross-entropy on logits (``optax.sigmoid_binary_cross_entropy``).
   step) was considered and rejected for the per-region nets: augmenting a 128-image batch costs
   1 ms at 64 px and 5 ms at 120 px against 400 ms / 2.5 s for the training step (measured on the
   2-core CPU), < 1 % to gain, at the price of unbalanced per-region batches.
+* **Several devices** (``core.devices``). When ``jax.devices()`` has D > 1 devices, the vmapped
+  formulation (training with ``region_parallel="vmap"`` or "auto" off CPU, and ``predict_probs``'
+  vmap path) splits its stacked region axis over a 1-D mesh named "regions": the region count is
+  padded to a multiple of D by repeating the first region (those outputs are dropped), every
+  device runs the vmapped program on its R/D regions (``shard_map``, no collectives) and the
+  images are replicated. A region's result therefore does not depend on D (its RNG stream is
+  its own). The loop formulation and the shared trunk stay on the default device. With one
+  device the single-device code path runs unchanged.
 * **Shared trunk** (``model="shared_trunk"``, beyond the paper): one network with a head per region;
   each batch is drawn stratified over all labels (every image is a positive for its own head and a
   negative for the others), loss = mean over heads of the balanced (½ pos + ½ neg) BCE. An epoch
@@ -50,7 +58,7 @@ import optax
 
 from ..errors import DeepAlignError
 from . import augment as augment_mod
-from . import cnn
+from . import cnn, devices
 
 SHARED_REGION = -1  # region id under which the shared-trunk model is checkpointed / resumed
 _INIT_STREAM = 0
@@ -179,9 +187,11 @@ def _apply_train(model, params, batch_stats, x, key):
     return logits, upd.get("batch_stats", batch_stats)
 
 
-@lru_cache(maxsize=32)
-def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
-    """Jitted: one epoch of one per-region net (lax.scan over n_steps balanced batches)."""
+_EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, 0)  # vmap over regions; the image set is shared
+
+
+def _region_epoch_body(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
+    """One epoch of one per-region net (lax.scan over n_steps balanced batches), not jitted."""
     tx = optax.adam(lr)
 
     def epoch(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, key):
@@ -205,7 +215,23 @@ def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: 
         )
         return params, batch_stats, opt_state, losses.mean(), accs.mean()
 
-    return jax.jit(epoch), jax.jit(jax.vmap(epoch, in_axes=(0, 0, 0, None, 0, 0, 0, 0, 0)))
+    return epoch
+
+
+@lru_cache(maxsize=32)
+def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
+    """Jitted: one epoch of one per-region net, and of R stacked nets (vmapped over regions)."""
+    epoch = _region_epoch_body(model, lr, n_steps, batch_size, max_shift_px)
+    return jax.jit(epoch), jax.jit(jax.vmap(epoch, in_axes=_EPOCH_IN_AXES))
+
+
+@lru_cache(maxsize=32)
+def _region_epoch_sharded_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float, mesh):
+    """Jitted: the vmapped epoch with the region axis split over ``mesh`` ("regions"): every device
+    runs the vmapped epoch on its slice of regions (``shard_map``); the images are replicated."""
+    epoch = jax.vmap(_region_epoch_body(model, lr, n_steps, batch_size, max_shift_px), in_axes=_EPOCH_IN_AXES)
+    ax, rep = devices.P(devices.REGION_AXIS), devices.P()
+    return jax.jit(devices.shard_map(epoch, mesh, in_specs=(ax, ax, ax, rep, ax, ax, ax, ax, ax), out_specs=ax))
 
 
 @lru_cache(maxsize=32)
@@ -265,6 +291,29 @@ def _logits_stacked_fn(model: cnn.RegionCNN):
     """Jitted eval forward of R stacked per-region nets: (R-stacked variables, (B, N, N)) -> (B, R)."""
     f = jax.vmap(lambda v, x: model.apply(v, x[..., None], train=False)[:, 0], in_axes=(0, None))
     return jax.jit(lambda variables, x: f(variables, x).T)
+
+
+@lru_cache(maxsize=32)
+def _logits_stacked_sharded_fn(model: cnn.RegionCNN, mesh):
+    """:func:`_logits_stacked_fn` with the stacked region axis split over ``mesh`` ("regions"):
+    (R-stacked variables sharded, (B, N, N)) -> (B, R), the images replicated to every device."""
+    f = jax.vmap(lambda v, x: model.apply(v, x[..., None], train=False)[:, 0], in_axes=(0, None))
+    ax = devices.REGION_AXIS
+    g = jax.jit(devices.shard_map(lambda v, x: f(v, x).T, mesh, in_specs=(devices.P(ax), devices.P()), out_specs=devices.P(None, ax)))
+    return lambda variables, x: g(variables, devices.replicate(x, mesh))
+
+
+def stack_region_variables(variables: Sequence[dict], mesh=None) -> Any:
+    """Stack per-region variable trees along a new leading region axis.
+
+    mesh None: plain ``jnp.stack``. With a "regions" mesh (:func:`devices.region_mesh`) the region
+    axis is padded to a multiple of the device count (repeating the first region; callers drop
+    the padded outputs) and split over the devices."""
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
+    if mesh is None:
+        return stacked
+    n_pad = devices.pad_to_multiple(len(variables), devices.mesh_size(mesh))
+    return devices.shard_leading(devices.pad_leading(stacked, n_pad), mesh, devices.REGION_AXIS)
 
 
 def _chunked_logits(fn, variables, images, batch_size: int) -> np.ndarray:
@@ -408,16 +457,31 @@ def _train_per_region(train_images, y_train, val_images, y_val, regions, cfg, ke
         data[r] = (jnp.asarray(_padded(pos, n_train)), jnp.int32(pos.size), jnp.asarray(_padded(neg, n_train)), jnp.int32(neg.size))
 
     use_vmap = _use_vmap(cfg)
+    mesh = devices.region_mesh() if use_vmap else None  # None on one device: unchanged path
+    if mesh is not None:
+        epoch_sharded = _region_epoch_sharded_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px, mesh)
+        images_rep = devices.replicate(train_images, mesh)
     start = min(states[r]["epoch"] for r in regions) + 1
     for epoch in range(start, cfg.epochs):
         todo = [r for r in regions if not states[r]["stopped"] and states[r]["epoch"] < epoch]
         if not todo:
             break
-        if use_vmap:
+        if use_vmap and mesh is None:
             stack = lambda name: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[states[r][name] for r in todo])
             args = [jnp.stack([data[r][i] for r in todo]) for i in range(4)]
             keys = jnp.stack([_epoch_key(key, r, epoch) for r in todo])
             out = epoch_many(stack("params"), stack("batch_stats"), stack("opt_state"), train_images, *args, keys)
+            outs = {r: jax.tree_util.tree_map(lambda a, i=i: a[i], out) for i, r in enumerate(todo)}
+        elif use_vmap:  # several devices: region axis padded to a multiple of them and split
+            padded = todo + [todo[0]] * (devices.pad_to_multiple(len(todo), devices.mesh_size(mesh)) - len(todo))
+            shard = lambda t: devices.shard_leading(t, mesh, devices.REGION_AXIS)
+            stack = lambda name: shard(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[states[r][name] for r in padded]))
+            args = [shard(jnp.stack([data[r][i] for r in padded])) for i in range(4)]
+            keys = shard(jnp.stack([_epoch_key(key, r, epoch) for r in padded]))
+            out = epoch_sharded(stack("params"), stack("batch_stats"), stack("opt_state"), images_rep, *args, keys)
+            # gathered to the host and back onto the default device, uncommitted like the
+            # single-device results (per-region arrays of different devices could not be stacked)
+            out = jax.tree_util.tree_map(jnp.asarray, jax.device_get(out))
             outs = {r: jax.tree_util.tree_map(lambda a, i=i: a[i], out) for i, r in enumerate(todo)}
         for r in todo:
             t0 = time.perf_counter()
@@ -502,7 +566,8 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     models: {region: entry} as returned by `train_regions` (or restored checkpoints); entries
     without params (skipped) are ignored.  images: (n, N, N) float32 (numpy or memmap; read in
     chunks of batch_size).  region_parallel: "loop" (one jitted net after another per chunk,
-    fastest on CPU), "vmap" (all nets stacked, one call per chunk) or "auto" (loop on CPU).
+    fastest on CPU), "vmap" (all nets stacked, one call per chunk; with several devices the
+    stacked region axis is split over them, see the module docstring) or "auto" (loop on CPU).
     Returns (n, R) float32, columns in sorted region order of the trained entries."""
     regions = sorted(r for r, m in models.items() if m.get("params") is not None)
     if not regions:
@@ -518,9 +583,13 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     model = cnn.build_model(first["arch"], "auto")
     use_vmap = (jax.default_backend() != "cpu") if region_parallel == "auto" else region_parallel == "vmap"
     variables = [{"params": models[r]["params"], "batch_stats": models[r]["batch_stats"]} for r in regions]
-    if use_vmap:
+    mesh = devices.region_mesh() if use_vmap else None
+    if use_vmap and mesh is None:
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
         out[:] = _chunked_logits(_logits_stacked_fn(model), stacked, images, batch_size)
+    elif use_vmap:  # several devices: the stacked (padded) region axis split over them
+        stacked = stack_region_variables(variables, mesh)
+        out[:] = _chunked_logits(_logits_stacked_sharded_fn(model, mesh), stacked, images, batch_size)[:, : len(regions)]
     else:
         fn = _logits_fn(model)
         for start in range(0, n, batch_size):
