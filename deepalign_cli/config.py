@@ -82,6 +82,10 @@ class TrainConfig(_Stage):
     validation_fraction: float = Field(0.2, ge=0, lt=1)
     early_stopping_patience: int = Field(3, ge=0, description="epochs without val-loss improvement; 0 disables")
     min_positives: int = Field(5, ge=0, description="regions with fewer positives are skipped (warning)")
+    shared_loss: Literal["one_vs_rest", "softmax"] = Field(
+        "one_vs_rest",
+        description="shared trunk only: per-head balanced BCE (one_vs_rest) or one softmax cross-entropy over the region heads",
+    )
     conv_impl: Literal["auto", "direct", "fft"] = "auto"
     region_parallel: Literal["auto", "loop", "vmap"] = Field(
         "auto", description="regions one after another (loop, fastest on CPU) or vmapped together; auto: loop on CPU, vmap on GPU"

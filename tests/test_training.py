@@ -142,3 +142,41 @@ def test_separable_shapes_reach_high_validation_accuracy(model, regions):
     for r in regions:
         best = out[r]["history"][out[r]["best_epoch"]]
         assert best["val_acc"] > 0.9, (r, out[r]["history"])
+
+
+def test_shared_softmax_trains_and_predicts_rows_summing_to_one():
+    images, labels = _data()
+    cfg = TrainConfig(**{**TINY, "model": "shared_trunk", "shared_loss": "softmax"})
+    models = training.train_regions(images, labels, [0, 1, 2], cfg, jax.random.key(0))
+    assert models[0]["arch"]["shared_loss"] == "softmax"
+    for r in (0, 1, 2):
+        hist = models[r]["history"]
+        assert [h["epoch"] for h in hist] == [0, 1]
+        assert set(hist[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc"}
+        assert all(np.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1 for h in hist)
+    probs = training.predict_probs(models, images[:37], batch_size=16)
+    assert probs.shape == (37, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    # the mode survives a checkpoint round trip
+    restored = {r: training.params_from_bytes(training.params_to_bytes(m)) for r, m in models.items()}
+    np.testing.assert_allclose(training.predict_probs(restored, images[:37], batch_size=16), probs, atol=1e-6)
+
+
+def test_shared_default_is_one_vs_rest_sigmoid():
+    images, labels = _data()
+    cfg = TrainConfig(**{**TINY, "model": "shared_trunk", "epochs": 1})
+    assert cfg.shared_loss == "one_vs_rest"
+    models = training.train_regions(images, labels, [0, 1, 2], cfg, jax.random.key(0))
+    assert "shared_loss" not in models[0]["arch"]  # checkpoints of the default mode unchanged
+    probs = training.predict_probs(models, images[:20], batch_size=16)
+    model = training.cnn.build_model(models[0]["arch"], "auto")
+    logits = training._chunked_logits(training._logits_fn(model), {"params": models[0]["params"], "batch_stats": models[0]["batch_stats"]}, images[:20], 16)
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits)), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_softmax_and_one_vs_rest_give_different_models():
+    images, labels = _data()
+    base = {**TINY, "model": "shared_trunk", "epochs": 1}
+    ovr = training.train_regions(images, labels, [0, 1, 2], TrainConfig(**base), jax.random.key(0))
+    sm = training.train_regions(images, labels, [0, 1, 2], TrainConfig(**base, shared_loss="softmax"), jax.random.key(0))
+    assert not _leaves_equal(ovr[0]["params"], sm[0]["params"])

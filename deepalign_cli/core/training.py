@@ -37,6 +37,16 @@ cross-entropy on logits (``optax.sigmoid_binary_cross_entropy``).
   negative for the others), loss = mean over heads of the balanced (½ pos + ½ neg) BCE. An epoch
   has ``ceil(images_per_region · n_labels / (2 · batch_size))`` steps so every head sees as many
   positives per epoch as a per-region net.
+* **Shared trunk, softmax** (``shared_loss="softmax"``): the same net and the same stratified
+  batches (drawn only from labels that have a head; particles of other labels are not used), but
+  the head logits are trained with one softmax cross-entropy on the region label, and
+  ``predict_probs`` returns the softmax over the heads (rows sum to 1). The mode is stored in the
+  model's ``arch`` dict (``arch["shared_loss"] == "softmax"``; absent for one-vs-rest, so those
+  checkpoints are unchanged). Same number of steps per epoch as one-vs-rest. Metrics keep the
+  history keys: loss = class-balanced cross-entropy (per head: the mean CE over images of that
+  region; overall: the mean over heads); accuracy of head r = balanced accuracy of the decision
+  "argmax == r" (½ recall + ½ specificity; argmax, not "p_r > 1/R", because it is the decision
+  top-1 prediction makes). Early stopping monitors the class-balanced validation CE.
 
 Regions with fewer than ``min_positives`` training positives (or no negatives) are skipped with a
 warning in their result entry; they never raise.
@@ -235,8 +245,11 @@ def _region_epoch_sharded_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batc
 
 
 @lru_cache(maxsize=32)
-def _shared_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
-    """Jitted: one epoch of the shared-trunk net. Batches stratified over labels."""
+def _shared_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float, loss_kind: str = "one_vs_rest"):
+    """Jitted: one epoch of the shared-trunk net. Batches stratified over labels.
+
+    loss_kind "one_vs_rest": mean over heads of the balanced BCE; "softmax": mean softmax cross-entropy
+    over the heads (every sampled label must have a head). Returns per-head (H,) train loss/acc."""
     tx = optax.adam(lr)
 
     def epoch(params, batch_stats, opt_state, images, members, counts, img_labels, head_regions, key):
@@ -252,8 +265,11 @@ def _shared_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: 
 
             def loss_fn(p):
                 logits, new_bs = _apply_train(model, p, batch_stats, x, k_drop)
-                loss, acc = _balanced_per_head(logits, y)
-                return loss.mean(), (new_bs, loss, acc)
+                if loss_kind == "softmax":
+                    total, head_loss, acc = _softmax_per_head(logits, y)
+                    return total, (new_bs, head_loss, acc)
+                head_loss, acc = _balanced_per_head(logits, y)
+                return head_loss.mean(), (new_bs, head_loss, acc)
 
             (_, (new_bs, loss, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -265,6 +281,34 @@ def _shared_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: 
         return params, batch_stats, opt_state, losses.mean(0), accs.mean(0)
 
     return jax.jit(epoch)
+
+
+def _softmax_per_head(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax cross-entropy over the heads with one-hot targets, and per-head metrics.
+
+    logits, y: (B, H), every row of y one-hot.  Returns (mean CE (), per-head CE (H,): mean over
+    the images of that head's class (the batch mean where the class is absent), per-head balanced
+    accuracy (H,) of the decision "argmax == head")."""
+    ce = optax.softmax_cross_entropy(logits, y)
+    n_pos = y.sum(0)
+    head_ce = jnp.where(n_pos > 0, (y * ce[:, None]).sum(0) / jnp.maximum(n_pos, 1), ce.mean())
+    pred = jax.nn.one_hot(jnp.argmax(logits, axis=1), logits.shape[1])
+    _, acc = _balanced_per_head(jnp.where(pred > 0, 1.0, -1.0), y)
+    return ce.mean(), head_ce, acc
+
+
+def _softmax_val(logits: np.ndarray, y_val: np.ndarray, regions: Sequence[int]) -> list[tuple[float | None, float | None]]:
+    """Per head (in `regions` order): validation CE over the images of that region and balanced
+    accuracy of "argmax == head"; images whose label has no head are ignored. (None, None) when
+    there are no usable validation images; a head without validation images gets CE None."""
+    keep = np.isin(y_val, np.asarray(regions))
+    if not keep.any():
+        return [(None, None)] * len(regions)
+    y = (y_val[keep][:, None] == np.asarray(regions)[None, :]).astype(np.float32)
+    _, _, acc = _softmax_per_head(jnp.asarray(logits[keep]), jnp.asarray(y))
+    ce = np.asarray(optax.softmax_cross_entropy(jnp.asarray(logits[keep]), jnp.asarray(y)))
+    n_pos = y.sum(0)
+    return [(float((y[:, j] * ce).sum() / n_pos[j]) if n_pos[j] > 0 else None, float(acc[j])) for j in range(len(regions))]
 
 
 def _balanced_per_head(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -510,12 +554,18 @@ def _train_per_region(train_images, y_train, val_images, y_val, regions, cfg, ke
 
 
 def _train_shared(train_images, y_train, val_images, y_val, regions, cfg, key, box, progress, resume_state, checkpoint_cb):
+    softmax = getattr(cfg, "shared_loss", "one_vs_rest") == "softmax"
     arch = cnn.architecture(cfg, box, len(regions))
+    if softmax:
+        arch["shared_loss"] = "softmax"
     model = cnn.build_model(arch, cfg.conv_impl)
     tx = optax.adam(cfg.learning_rate)
     present = np.unique(y_train)
     n_steps = math.ceil(cfg.images_per_region * present.size / (2 * cfg.batch_size))
-    epoch_fn = _shared_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, float(cfg.max_shift_frac * box))
+    if softmax:  # only labels with a head can be softmax targets
+        present = np.intersect1d(present, np.asarray(regions))
+    epoch_fn = _shared_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, float(cfg.max_shift_frac * box),
+                                "softmax" if softmax else "one_vs_rest")
     logits_fn = _logits_fn(model)
     groups = [np.flatnonzero(y_train == lab) for lab in present]
     members = np.stack([_padded(g, max(x.size for x in groups)) for g in groups])
@@ -535,9 +585,15 @@ def _train_shared(train_images, y_train, val_images, y_val, regions, cfg, key, b
         )
         state.update(params=params, batch_stats=bstats, opt_state=opt_state)
         val_logits = _chunked_logits(logits_fn, {"params": params, "batch_stats": bstats}, val_images, _EVAL_CHUNK)
-        per_head = [_balanced_val(val_logits[:, j] if val_logits.size else np.zeros(0), (y_val == r).astype(np.float32)) for j, r in enumerate(regions)]
-        vl = None if per_head[0][0] is None else float(np.mean([p[0] for p in per_head]))
-        va = None if per_head[0][1] is None else float(np.mean([p[1] for p in per_head]))
+        if softmax:
+            per_head = _softmax_val(val_logits, y_val, regions)
+            losses = [p[0] for p in per_head if p[0] is not None]
+            vl = float(np.mean(losses)) if losses else None
+            va = None if per_head[0][1] is None else float(np.mean([p[1] for p in per_head]))
+        else:
+            per_head = [_balanced_val(val_logits[:, j] if val_logits.size else np.zeros(0), (y_val == r).astype(np.float32)) for j, r in enumerate(regions)]
+            vl = None if per_head[0][0] is None else float(np.mean([p[0] for p in per_head]))
+            va = None if per_head[0][1] is None else float(np.mean([p[1] for p in per_head]))
         _record_epoch(state, epoch, np.mean(tl), np.mean(ta), vl, va, cfg.early_stopping_patience)
         state.setdefault("head_history", {})
         for j, r in enumerate(regions):
@@ -568,7 +624,8 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     chunks of batch_size).  region_parallel: "loop" (one jitted net after another per chunk,
     fastest on CPU), "vmap" (all nets stacked, one call per chunk; with several devices the
     stacked region axis is split over them, see the module docstring) or "auto" (loop on CPU).
-    Returns (n, R) float32, columns in sorted region order of the trained entries."""
+    Returns (n, R) float32, columns in sorted region order of the trained entries: sigmoid of
+    each head, or for a shared trunk trained with shared_loss="softmax" the softmax over its heads."""
     regions = sorted(r for r, m in models.items() if m.get("params") is not None)
     if not regions:
         raise DeepAlignError("predict: no trained region models")
@@ -578,7 +635,10 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     if first["arch"]["n_heads"] > 1:  # shared trunk: one forward, pick the heads
         model = cnn.build_model(first["arch"], "auto")
         logits = _chunked_logits(_logits_fn(model), {"params": first["params"], "batch_stats": first["batch_stats"]}, images, batch_size)
-        out[:] = logits[:, [int(models[r]["head"]) for r in regions]]
+        heads = [int(models[r]["head"]) for r in regions]
+        if first["arch"].get("shared_loss") == "softmax":  # softmax over all heads, then pick
+            return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=1))[:, heads].astype(np.float32)
+        out[:] = logits[:, heads]
         return np.asarray(jax.nn.sigmoid(out))
     model = cnn.build_model(first["arch"], "auto")
     use_vmap = (jax.default_backend() != "cpu") if region_parallel == "auto" else region_parallel == "vmap"
