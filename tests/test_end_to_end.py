@@ -24,7 +24,7 @@ CONFIG = """
 simulate: {n_particles: 1500, box_px: 32, snr: 1.0, pre_aligned_fraction: 0.4, seed: 0}
 regions: {spacing_deg: 60, symmetry: C1}
 preprocess: {target_resolution_ang: 40.0}
-train: {model: shared_trunk, norm: layer, epochs: 8, images_per_region: 256, early_stopping_patience: 0}
+train: {epochs: 8, images_per_region: 1024, early_stopping_patience: 3}
 predict: {top_k: 2}
 align: {angular_step_deg: 15, max_shift_px: 3}
 """
