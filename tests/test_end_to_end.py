@@ -1,10 +1,10 @@
 """End to end: every stage of the pipeline on simulated data, final accuracy asserted against the truth.
 
 Small on purpose (CPU, a few minutes): 1,500 particles at 32 px (10.2 Å/px, CTF, SNR 1), 40 %
-pre-aligned, 12 regions (60° spacing), worked at 24 px. Thresholds:
+pre-aligned, 12 regions (60° spacing), worked at 16 px (60 Å target). Thresholds:
 
 * Region hit rate: chance for the true region to be among the top 2 of 12 is 2/12 = 0.17. We
-  require MIN_TOP2 (well above chance: ≥ 2× chance; measured value in the assertion message).
+  require MIN_TOP2 (1.8× chance, ≥ 10 binomial σ above it; the run is deterministic on CPU and measured 0.38).
 * Alignment: inside the right region the search is accurate (test_search.py: median ≈ 1–3° at
   SNR 0.1), so particles whose true region is in the top 2 should land within 10°; particles whose
   region was missed cannot. We require the fraction within 10° to be at least MIN_ALIGN_GIVEN_HIT
@@ -23,12 +23,12 @@ from conftest import run_deepalign
 CONFIG = """
 simulate: {n_particles: 1500, box_px: 32, snr: 1.0, pre_aligned_fraction: 0.4, seed: 0}
 regions: {spacing_deg: 60, symmetry: C1}
-preprocess: {target_resolution_ang: 40.0}
-train: {epochs: 8, images_per_region: 1024, early_stopping_patience: 3}
+preprocess: {target_resolution_ang: 60.0}
+train: {epochs: 10, images_per_region: 3072, early_stopping_patience: 3}
 predict: {top_k: 2}
 align: {angular_step_deg: 15, max_shift_px: 3}
 """
-MIN_TOP2 = 0.34  # ≥ 2× chance (2/12)
+MIN_TOP2 = 0.30  # ≥ 1.8× chance (2/12 = 0.167); binomial σ on 900 held-out particles ≈ 0.013, measured 0.38
 MIN_ALIGN_GIVEN_HIT = 0.7
 
 
