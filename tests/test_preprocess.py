@@ -150,3 +150,14 @@ def test_clean_simulation_is_the_shifted_ctf_modulated_projection():
     c = ctf.ctf_2d(32, 3.0, sim["defocus_u_ang"], sim["defocus_v_ang"], sim["defocus_angle_deg"], 300.0, 2.7, 0.1)
     expected = np.real(np.fft.ifft2(np.asarray(ft) * np.asarray(c)))
     np.testing.assert_allclose(sim["images"], expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_centre_crop_or_pad_keeps_the_centre_voxel():
+    from deepalign_cli.core.preprocess import centre_crop_or_pad_volume
+
+    vol = np.zeros((9, 9, 9), np.float32)
+    vol[4, 4, 4] = 1.0
+    padded = centre_crop_or_pad_volume(vol, 16)
+    assert padded.shape == (16, 16, 16) and padded[8, 8, 8] == 1.0 and padded.sum() == 1.0
+    cropped = centre_crop_or_pad_volume(padded, 6)
+    assert cropped.shape == (6, 6, 6) and cropped[3, 3, 3] == 1.0

@@ -113,18 +113,6 @@ def candidate_matrix(cands: list[list[int]]) -> np.ndarray:
     return np.array([c + [c[0]] * (k - len(c)) for c in cands], int)
 
 
-def _centred_box(vol: np.ndarray, box: int) -> np.ndarray:
-    """Crop or zero-pad a map (n, n, n) to (box, box, box), keeping the centre voxel n//2 at box//2."""
-    n = vol.shape[0]
-    if n >= box:
-        s = n // 2 - box // 2
-        return vol[s : s + box, s : s + box, s : s + box]
-    out = np.zeros((box, box, box), np.float32)
-    s = box // 2 - n // 2
-    out[s : s + n, s : s + n, s : s + n] = vol
-    return out
-
-
 def reference_at_working_geometry(path: Path, box: int, pixel_ang: float) -> np.ndarray:
     """A user map brought to the particles' working box and pixel (Fourier crop, then centre crop/pad)."""
     vol, voxel = mrc.read_map(path)
@@ -144,7 +132,7 @@ def reference_at_working_geometry(path: Path, box: int, pixel_ang: float) -> np.
                       f"working {box} px at {pixel_ang:g} Å (Fourier crop to {n_new} px, then centre {'crop' if n_new > box else 'pad'})")
     if n_new != n_map:
         vol = np.asarray(preprocess.fourier_crop_volume(vol, n_new))
-    return _centred_box(vol, box)
+    return preprocess.centre_crop_or_pad_volume(vol, box)
 
 
 def load_reference(proj: Project, path: Path | None, source: ParticleSource, pre: PreprocessConfig, config_path: Path | None):

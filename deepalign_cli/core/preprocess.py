@@ -60,6 +60,20 @@ def fourier_crop_volume(vol, new_box: int):
     return (jnp.real(out) * (new_box / n_box) ** 3).astype(jnp.float32)
 
 
+def centre_crop_or_pad_volume(vol, box: int):
+    """Crop or zero-pad a map (n, n, n) to (box, box, box), keeping the centre voxel n//2 at box//2.
+    Returns numpy float32."""
+    vol = np.asarray(vol, np.float32)
+    n = vol.shape[0]
+    if n >= box:
+        s = n // 2 - box // 2
+        return vol[s : s + box, s : s + box, s : s + box]
+    out = np.zeros((box, box, box), np.float32)
+    s = box // 2 - n // 2
+    out[s : s + n, s : s + n, s : s + n] = vol
+    return out
+
+
 def downsampled_box(box: int, pixel_in_ang: float, pixel_out_ang: float) -> int:
     """Even box M ≈ N · pixel_in / pixel_out (never above N): the box that gives pixel_out."""
     if pixel_out_ang <= pixel_in_ang:
