@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..config import DeepAlignConfig, load_config, override
+from ..errors import DeepAlignError
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -67,6 +68,4 @@ def check_can_run(proj, stage: str, force: bool) -> None:
     """Refuse to redo a finished stage without --force. Nothing is changed here: the stage record
     is replaced only when the rerun succeeds, so a failed --force rerun leaves the project as it was."""
     if proj.is_done(stage) and not force:
-        from ..errors import DeepAlignError
-
         raise DeepAlignError(f"{proj.root}: stage '{stage}' already done; use --force to redo")
