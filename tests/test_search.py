@@ -137,12 +137,13 @@ def test_chunk_sizes_shrink_with_the_memory_budget():
 
 def test_restricted_search_recovers_true_poses_on_clean_data(vol_ft):
     images, eulers, origins, params = _particles(vol_ft, seed=3, n=12, region=5)
-    candidates = np.array([[5, 6]] * 6 + [[4, 5]] * 6)  # two region groups, one compiled program
+    candidates = np.array([[5, 6]] * 6 + [[4, 5]] * 6)  # region groups 4, 5, 6 of 6, 12, 6 particles
     n_coarse, n_refine = search.coarse_search._cache_size(), search.refine_poses._cache_size()
     coarse = _align(vol_ft, images, params, candidates, refine=False)
     refined = _align(vol_ft, images, params, candidates, refine=True)
-    # the coarse program is shared by both groups and both refine settings: one per piece size
-    assert search.coarse_search._cache_size() - n_coarse == len(set(search._binary_pieces(6, 256)))
+    # the coarse program is shared by the groups and both refine settings: one per piece size
+    sizes = set(search._binary_pieces(12, search.COARSE_CHUNK)) | set(search._binary_pieces(6, search.COARSE_CHUNK))
+    assert search.coarse_search._cache_size() - n_coarse == len(sizes)
     assert search.refine_poses._cache_size() - n_refine == 1  # refinement runs in fixed chunks
     assert np.median(_errors(coarse, eulers)) <= COARSE_BOUND
     err = _errors(refined, eulers)

@@ -23,12 +23,19 @@ do not), it only evaluates the shifts of the max-shift disc, and with the band l
 instead of N². The CTF is real, so it is folded into the particle side and the references are
 shared by every particle of a region group.
 
-References: every (gallery direction, psi) pair is projected directly with the Fourier-slice
-projector at (rot, tilt, psi) (``projector.sample_slices`` on the K band frequencies only). All
-galleries are subsets of one lattice, so ``align_particles`` projects every (direction, psi) pose
-that any region group needs ONCE into a reference table (when it fits in a quarter of the memory
-budget; otherwise each group projects its references chunk by chunk), and each group gathers its
-rows. Exhaustive mode uses the same table and the same programs, with one group.
+Search groups and references. Every candidate region is one search group: its gallery (the
+region plus the margin) is searched once for all the particles that list that region among their
+top-k, and each particle keeps its best pose over its k groups. (Grouping by region *set* instead,
+as a first version did, made ~120 small groups on 42 regions with top-2 and spent more time
+gathering each group's references than scoring its few particles.) Every (gallery direction, psi)
+pair is projected directly with the Fourier-slice projector at (rot, tilt, psi)
+(``projector.sample_slices`` on the K band frequencies only). Each group owns a contiguous block of
+reference chunks (≤ MAX_REF_CHUNK rows, so a region wastes little on padding) in one pose table:
+when the projected table fits in a quarter of the memory budget it is projected ONCE and every
+group scores its block in place (no gather); otherwise the chunks are projected one at a time and
+each projected chunk scores all the particles of the group in the current block before the next
+is projected. Exhaustive mode uses the same table and the same programs, with one group (the
+asymmetric unit).
 
 Refinement (``refine_passes`` > 0), coordinate-wise: pass p (scale 2^-p) fixes a 3 × 3 grid of
 sub-pixel shifts ±scale px around the current origin, then for the image-frame x, y and z axes in
@@ -39,7 +46,7 @@ full 3 × 3 × 3 grid); the current pose is always a candidate, so the score nev
 Particles are scored in power-of-two pieces of a group (no padded particles, at most
 log2(COARSE_CHUNK) + 1 compiled coarse shapes) and refined in fixed-size chunks across groups.
 
-The coarse search loops over a dynamic number of reference chunks, so region groups of different
+The coarse search loops over a dynamic range of reference chunks, so region groups of different
 sizes share one compiled program; :func:`search_particles` chains the three jitted steps for one
 chunk (projected references).
 
@@ -81,6 +88,7 @@ PROJECTION_WORK_FACTOR = 6
 MAX_TABLE_CHUNK = 1024  # poses projected per reference-table call
 FEATURE_CHUNK = 64  # particles per feature (FFT, CTF) call
 REFINE_CHUNK = 64  # particles per refinement call
+MAX_REF_CHUNK = 1024  # references per coarse chunk: GEMMs at full speed, little padding per region
 COARSE_CHUNK = 8  # particles per coarse GEMM: b·S shifted particle rows stay cache-sized (measured fastest, both modes)
 
 
@@ -157,11 +165,11 @@ def chunk_sizes(box: int, n_coeffs: int, n_shifts: int, n_refs: int, memory_budg
     Budget split: half to the particle side (shifted particle vectors b·S·2K, the score block
     b·S·r_c and the 27 refinement projections per particle), a quarter to the projections of one
     reference chunk. Both chunks are at least 1; the particle chunk is capped at
-    MAX_PARTICLE_CHUNK and the reference chunk at n_refs.
+    MAX_PARTICLE_CHUNK and the reference chunk at min(n_refs, MAX_REF_CHUNK).
     """
     budget = memory_budget_gb * 2**30
     img = box * box * 8 * PROJECTION_WORK_FACTOR
-    ref_chunk = int(max(1, min(n_refs, budget / 4 / (img + 2 * n_coeffs * BYTES_F32))))
+    ref_chunk = int(max(1, min(n_refs, MAX_REF_CHUNK, budget / 4 / (img + 2 * n_coeffs * BYTES_F32))))
     per_particle = n_shifts * (2 * n_coeffs + ref_chunk) * BYTES_F32 + 27 * img
     particle_chunk = int(max(1, min(MAX_PARTICLE_CHUNK, budget / 2 / per_particle)))
     return particle_chunk, ref_chunk
@@ -222,8 +230,9 @@ def reference_table(vol_ft: VolumeFT, band: FourierBand, rotmats):
     return jnp.concatenate([rw.real, rw.imag], axis=-1), jnp.abs(rw) ** 2
 
 
-def _coarse(cf, c2, inorm, chunk_refs, pose_mask, n_ref_chunks, band, shifts_px):
-    """Best (score, reference index, shift index) over the first n_ref_chunks reference chunks.
+def _coarse(cf, c2, inorm, chunk_refs, pose_mask, first_chunk, n_ref_chunks, band, shifts_px):
+    """Best (score, reference index, shift index) over the n_ref_chunks reference chunks that start
+    at chunk first_chunk (the index counts rows from the first row of chunk 0).
 
     chunk_refs(ci) → ([Re, Im] (r_c, 2K), power (r_c, K)). The max over shifts is taken on the raw
     correlation (the normaliser does not depend on the shift), then normalised per reference."""
@@ -232,8 +241,9 @@ def _coarse(cf, c2, inorm, chunk_refs, pose_mask, n_ref_chunks, band, shifts_px)
     j = jnp.concatenate([j.real, j.imag], axis=-1).reshape(b * shifts_px.shape[0], -1)  # (b·S, 2K)
     r_c = pose_mask.shape[1]
 
-    def body(ci, carry):
+    def body(i, carry):
         best, best_ref, best_shift = carry
+        ci = first_chunk + i
         rr, power = chunk_refs(ci)
         cc = (j @ rr.T).reshape(b, -1, r_c)  # (b, S, r_c): one GEMM per chunk
         cmax, cs = jnp.max(cc, axis=1), jnp.argmax(cc, axis=1)  # (b, r_c)
@@ -253,21 +263,22 @@ def _coarse(cf, c2, inorm, chunk_refs, pose_mask, n_ref_chunks, band, shifts_px)
 
 
 @jax.jit
-def coarse_search(cf, c2, inorm, refs, powers, pose_mask, n_ref_chunks, band: FourierBand, shifts_px):
+def coarse_search(cf, c2, inorm, refs, powers, pose_mask, first_chunk, n_ref_chunks, band: FourierBand, shifts_px):
     """Coarse search of particle features (:func:`particle_features`) against cached references.
 
     refs: (C, r_c, 2K), powers: (C, r_c, K) from :func:`reference_table`, in reference chunks.
-    pose_mask: (C, r_c) bool (False on padding).  n_ref_chunks: traced int ≤ C, chunks searched.
-    shifts_px: (S, 2). Returns (score (b,), reference index into the flattened chunks (b,),
+    pose_mask: (C, r_c) bool (False on padding).  first_chunk, n_ref_chunks: traced ints, the
+    chunks [first_chunk, first_chunk + n_ref_chunks) are searched (one region's block of the
+    table). shifts_px: (S, 2). Returns (score (b,), reference index into the flattened chunks (b,),
     shift index (b,))."""
-    return _coarse(cf, c2, inorm, lambda ci: (refs[ci], powers[ci]), pose_mask, n_ref_chunks, band, shifts_px)
+    return _coarse(cf, c2, inorm, lambda ci: (refs[ci], powers[ci]), pose_mask, first_chunk, n_ref_chunks, band, shifts_px)
 
 
 @jax.jit
 def coarse_search_projected(vol_ft: VolumeFT, cf, c2, inorm, poses, pose_mask, n_ref_chunks, band: FourierBand, shifts_px):
     """:func:`coarse_search` with the references projected chunk by chunk from poses (C, r_c, 3, 3)
     (constant memory; used when the reference table does not fit the memory budget)."""
-    return _coarse(cf, c2, inorm, lambda ci: reference_table(vol_ft, band, poses[ci]), pose_mask, n_ref_chunks, band, shifts_px)
+    return _coarse(cf, c2, inorm, lambda ci: reference_table(vol_ft, band, poses[ci]), pose_mask, 0, n_ref_chunks, band, shifts_px)
 
 
 def _ncc(jj, rws, c2, inorm):
@@ -389,8 +400,10 @@ def _ctf_chunk(ctf_params: Mapping | None, idx: np.ndarray, box: int, pixel_size
 
 
 @jax.jit
-def _take_rows(table, rows):
-    return table[rows]
+def _take_particles(cf, c2, inorm, idx):
+    """Rows idx of the three feature arrays, in one dispatch (eager indexing costs ~1 ms per
+    primitive on XLA:CPU, several per gather)."""
+    return cf[idx], c2[idx], inorm[idx]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,10 +431,22 @@ def _programs(mesh, refine_passes: int) -> _Programs:
     return _Programs(
         features=spmd(particle_features, (ax, ax, r)),
         table=spmd(reference_table, (r, r, ax)),
-        coarse=spmd(coarse_search, (ax, ax, ax, r, r, r, r, r, r)),
+        coarse=spmd(coarse_search, (ax, ax, ax, r, r, r, r, r, r, r)),
         coarse_projected=spmd(coarse_search_projected, (r, ax, ax, ax, r, r, r, r, r)),
         refine=spmd(refine, (r, ax, ax, ax, ax, ax, r, r, r)),
     )
+
+
+def _search_groups(n: int, candidate_regions, exhaustive: bool, lattice, centres, ops, margin_deg: float):
+    """(galleries, members): one search group per candidate region (its gallery: lattice indices
+    of the region plus the margin; its members: the particles that have the region among their
+    candidates), or one group (the asymmetric unit, every particle) when exhaustive."""
+    if exhaustive:
+        return [region_gallery_indices(lattice, centres, ops, range(len(centres)), 0.0)], [np.arange(n)]
+    cand = np.asarray(candidate_regions, int).reshape(n, -1)
+    used = np.unique(cand)
+    masks = region_gallery_masks(lattice, centres, ops, used, margin_deg)  # (len(used), L)
+    return [np.flatnonzero(m) for m in masks], [np.flatnonzero((cand == r).any(axis=1)) for r in used]
 
 
 def align_particles(
@@ -448,7 +473,8 @@ def align_particles(
     images: (n, N, N) float array-like (a memmap is read block by block).
     vol_ft: prepared reference map (``projector.prepare_volume``), same box and pixel as images.
     candidate_regions: (n, k) int region indices per particle (e.g. predict's top-k); ignored when
-        exhaustive. Particles with the same region SET form a group that shares its references.
+        exhaustive. Every candidate region is one search group: its references are shared by all
+        the particles that list it, and a particle keeps the best pose over its k regions.
     centres: (R, 3) region centres.  ops: (G, 3, 3) symmetry operators.
     pixel_size_ang: Å/px.  angular_step_deg: gallery direction step.  psi_step_deg: in-plane step.
     margin_deg: gallery extends this far past the region borders.  max_shift_px: |origin| bound.
@@ -458,15 +484,16 @@ def align_particles(
     refine: run the REFINE_PASSES local passes.  lowpass_resolution_ang: band limit of the score.
     memory_budget_gb: bound on the reference table and transient arrays (:func:`chunk_sizes`).
     exhaustive: search the union of all regions (no margin) with the same code.
-    progress: called with the number of particles finished after every refined chunk.
+    progress: called with the (estimated, non-decreasing) number of particles finished.
     Returns dict of numpy arrays: eulers_deg (n, 3) RELION rot/tilt/psi, origins_px (n, 2) RELION
     (OriginX, OriginY) in px, score (n,) NCC, region (n,) region of the found direction.
 
-    Steps (module docstring): (1) the references of every (direction, psi) pose that any group
-    needs are projected ONCE into a table (when it fits in a quarter of the budget; otherwise they
-    are projected chunk by chunk per group), (2) particle features (FFT, CTF) are computed in fixed
-    chunks, (3) each region group gathers its rows of the table and scores its particles in
-    power-of-two pieces (no padding), (4) the coarse poses are refined in fixed-size chunks.
+    Steps (module docstring): (1) every group's poses get a contiguous block of reference chunks
+    in one pose table; when the projected table fits in a quarter of the budget it is projected
+    ONCE, otherwise each chunk is projected once per particle block; (2) particle features (FFT,
+    CTF) are computed in fixed chunks; (3) for each group, its particles are scored against its
+    block of chunks in power-of-two pieces (no padding) and each particle keeps its best pose over
+    its groups; (4) the coarse poses are refined in fixed-size chunks.
     """
     n, box = len(images), vol_ft.box
     mesh = devices.particle_mesh()  # None on one device: the single-device path, unchanged
@@ -475,15 +502,7 @@ def align_particles(
     shard = lambda t: devices.shard_leading(t, mesh, devices.PARTICLE_AXIS)
     lattice = sphere_lattice(angular_step_deg)
     n_psi = len(psi_angles(psi_step_deg))
-    if exhaustive:
-        keys = np.zeros(n, int)
-        galleries = [region_gallery_indices(lattice, centres, ops, range(len(centres)), 0.0)]
-    else:
-        sets = np.sort(np.asarray(candidate_regions, int).reshape(n, -1), axis=1)
-        uniq, keys = np.unique(sets, axis=0, return_inverse=True)
-        keys = keys.ravel()
-        masks = region_gallery_masks(lattice, centres, ops, range(len(centres)), margin_deg)  # (R, L)
-        galleries = [np.flatnonzero(masks[np.unique(u)].any(axis=0)) for u in uniq]
+    galleries, members = _search_groups(n, candidate_regions, exhaustive, lattice, centres, ops, margin_deg)
     band = fourier_band(box, pixel_size_ang, lowpass_resolution_ang)
     n_coeffs = int(band.flat_index.shape[0])
     shifts = shift_disc(max_shift_px)
@@ -491,25 +510,43 @@ def align_particles(
     vol_ft, band, shifts_j = rep(vol_ft), rep(band), rep(shifts_j)
     n_refs_max = max(len(g) for g in galleries) * n_psi
     b_chunk, r_chunk = chunk_sizes(box, n_coeffs, len(shifts), n_refs_max, memory_budget_gb)
-    n_chunks_max = -(-n_refs_max // r_chunk)
     passes = REFINE_PASSES if refine else 0
     budget = memory_budget_gb * 2**30
     prog = _programs(mesh, passes)
 
-    # (1) reference table: rows d·n_psi + p for the table directions d (sorted lattice indices)
-    table_dirs = np.unique(np.concatenate(galleries))
-    cached = len(table_dirs) * n_psi * 3 * n_coeffs * BYTES_F32 <= budget / 4
+    # (1) the pose table: group g owns chunks [first[g], first[g] + n_chunks[g]) of r_chunk rows
+    n_chunks = np.array([-(-len(g) * n_psi // r_chunk) for g in galleries])
+    first = np.concatenate([[0], np.cumsum(n_chunks)[:-1]]).astype(int)
+    total_rows = int(n_chunks.sum()) * r_chunk
+    all_poses = np.broadcast_to(np.eye(3, dtype=np.float32), (total_rows, 3, 3)).copy()
+    valid = np.zeros(total_rows, bool)
+    for g, gal in enumerate(galleries):
+        p = gallery_poses(lattice[gal], psi_step_deg)
+        all_poses[first[g] * r_chunk : first[g] * r_chunk + len(p)] = p
+        valid[first[g] * r_chunk : first[g] * r_chunk + len(p)] = True
+    mask = rep(jnp.asarray(valid.reshape(-1, r_chunk)))
+    cached = total_rows * 3 * n_coeffs * BYTES_F32 <= budget / 4
+    tab_chunk = devices.pad_to_multiple(min(r_chunk, MAX_TABLE_CHUNK), n_dev)
+
+    def project_rows(rows: slice):
+        """(refs (m, 2K), powers (m, K)) of all_poses[rows], projected tab_chunk poses per call."""
+        poses = all_poses[rows]
+        pad = -len(poses) % tab_chunk
+        poses = np.concatenate([poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
+        parts = [prog.table(vol_ft, band, shard(jnp.asarray(poses[s : s + tab_chunk]))) for s in range(0, len(poses), tab_chunk)]
+        m = len(poses) - pad
+        return jnp.concatenate([q[0] for q in parts])[:m], jnp.concatenate([q[1] for q in parts])[:m]
+
     if cached:
-        all_poses = gallery_poses(lattice[table_dirs], psi_step_deg)
-        tab_chunk = devices.pad_to_multiple(min(r_chunk, MAX_TABLE_CHUNK), n_dev)
-        pad = -len(all_poses) % tab_chunk
-        padded = np.concatenate([all_poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
-        parts = [prog.table(vol_ft, band, shard(jnp.asarray(padded[s : s + tab_chunk]))) for s in range(0, len(padded), tab_chunk)]
-        table = rep(jnp.concatenate([p[0] for p in parts])[: len(all_poses)])
-        powers = rep(jnp.concatenate([p[1] for p in parts])[: len(all_poses)])
+        parts = []
+        for g, gal in enumerate(galleries):  # project the real poses only; padding rows stay zero
+            start, m = first[g] * r_chunk, len(gal) * n_psi
+            refs, powers = project_rows(slice(start, start + m))
+            pad = n_chunks[g] * r_chunk - m
+            parts.append((jnp.pad(refs, ((0, pad), (0, 0))), jnp.pad(powers, ((0, pad), (0, 0)))))
+        table = rep(jnp.concatenate([q[0] for q in parts]).reshape(-1, r_chunk, 2 * n_coeffs))
+        powers_t = rep(jnp.concatenate([q[1] for q in parts]).reshape(-1, r_chunk, n_coeffs))
         del parts
-        row_of_dir = np.full(len(lattice), -1, np.int64)
-        row_of_dir[table_dirs] = np.arange(len(table_dirs)) * n_psi
 
     # (2) particle features, block by block (a block's features take ≤ a quarter of the budget)
     block = int(max(b_chunk, budget / 4 // (3 * n_coeffs * BYTES_F32 + box * box * BYTES_F32)))
@@ -517,11 +554,21 @@ def align_particles(
     feat_chunk = devices.pad_to_multiple(min(FEATURE_CHUNK * n_dev, _power_of_two_at_least(n)), n_dev)
     ref_chunk = devices.pad_to_multiple(min(REFINE_CHUNK * n_dev, b_chunk * n_dev, _power_of_two_at_least(n)), n_dev)
     coarse_cap = min(b_chunk, COARSE_CHUNK) * n_dev
+    member_of = np.zeros((len(galleries), n), bool)
+    for g, m in enumerate(members):
+        member_of[g, m] = True
 
     rotmats = np.zeros((n, 3, 3), np.float32)
     origins = np.zeros((n, 2), np.float32)
     scores = np.zeros(n, np.float32)
-    done = 0
+    reported = 0
+
+    def report(done: float):
+        nonlocal reported
+        if progress is not None and int(done) > reported:
+            reported = int(done)
+            progress(reported)
+
     for b0 in range(0, n, block):
         ids = np.arange(b0, min(n, b0 + block))
         feats = []
@@ -534,60 +581,65 @@ def align_particles(
         cf_all, c2_all, in_all = (rep(jnp.concatenate([f[i] for f in feats])[: len(ids)]) for i in range(3))
         del feats
 
-        pending: list[np.ndarray] = []  # block-local particle indices waiting for refinement
+        # (3) coarse search, group by group; each particle keeps its best (score, pose row, shift)
+        best = np.full(len(ids), -np.inf, np.float32)
+        best_row = np.zeros(len(ids), np.int64)
+        best_shift = np.zeros(len(ids), np.int64)
+        group_members = [np.flatnonzero(member_of[g, ids]) for g in range(len(galleries))]
+        work_total = max(1, sum(len(m) * c for m, c in zip(group_members, n_chunks)))
+        work_done = 0
 
-        def flush(final: bool):
-            nonlocal done, pending
-            while pending and (final or sum(map(len, pending)) >= ref_chunk):
-                cat = np.concatenate(pending)
-                idx, rest = cat[:ref_chunk], cat[ref_chunk:]
-                pending = [rest] if len(rest) else []
-                if passes:
-                    fill = np.concatenate([idx, np.full(ref_chunk - len(idx), idx[0])])
-                    fj = jnp.asarray(fill)
-                    g = ids[fill]
-                    rot, org, sc = prog.refine(
-                        vol_ft, shard(cf_all[fj]), shard(c2_all[fj]), shard(in_all[fj]), shard(jnp.asarray(rotmats[g])),
-                        shard(jnp.asarray(origins[g])), band, angular_step_deg, psi_step_deg,
-                    )
-                    k = len(idx)
-                    rotmats[ids[idx]], origins[ids[idx]], scores[ids[idx]] = np.asarray(rot)[:k], np.asarray(org)[:k], np.asarray(sc)[:k]
-                done += len(idx)
-                if progress is not None:
-                    progress(done)
-
-        for g, gallery in enumerate(galleries):
-            members = np.flatnonzero(keys[ids] == g)
-            if len(members) == 0:
-                continue
-            poses = gallery_poses(lattice[gallery], psi_step_deg)
-            pad = n_chunks_max * r_chunk - len(poses)
-            mask = rep(jnp.asarray(np.concatenate([np.ones(len(poses), bool), np.zeros(pad, bool)]).reshape(n_chunks_max, r_chunk)))
-            n_used = rep(jnp.int32(-(-len(poses) // r_chunk)))
-            if cached:
-                rows = (row_of_dir[gallery][:, None] + np.arange(n_psi)).ravel()
-                rows = jnp.asarray(np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32))
-                refs_g = _take_rows(table, rows).reshape(n_chunks_max, r_chunk, -1)
-                pow_g = _take_rows(powers, rows).reshape(n_chunks_max, r_chunk, -1)
-            else:
-                padded = np.concatenate([poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
-                poses_j = rep(jnp.asarray(padded.reshape(n_chunks_max, r_chunk, 3, 3)))
+        def pieces(mem):
             start = 0
-            for size in _binary_pieces(len(members), coarse_cap):
-                idx = members[start : start + size]
+            for size in _binary_pieces(len(mem), coarse_cap):
+                idx = mem[start : start + size]
                 start += size
-                ij = jnp.asarray(devices.pad_indices(idx, devices.pad_to_multiple(size, n_dev)))
-                cf, c2, inorm = shard(cf_all[ij]), shard(c2_all[ij]), shard(in_all[ij])
-                if cached:
-                    sc, ref, sh = prog.coarse(cf, c2, inorm, refs_g, pow_g, mask, n_used, band, shifts_j)
-                else:
-                    sc, ref, sh = prog.coarse_projected(vol_ft, cf, c2, inorm, poses_j, mask, n_used, band, shifts_j)
-                rotmats[ids[idx]] = poses[np.asarray(ref)[:size]]
-                origins[ids[idx]] = shifts[np.asarray(sh)[:size]]
-                scores[ids[idx]] = np.asarray(sc)[:size]
-                pending.append(idx)
-                flush(False)
-        flush(True)
+                ij = np.asarray(devices.pad_indices(idx, devices.pad_to_multiple(size, n_dev)), np.int32)
+                yield idx, tuple(shard(a) for a in _take_particles(cf_all, c2_all, in_all, ij))
+
+        def keep(idx, sc, row, sh):
+            k = len(idx)
+            sc, row, sh = np.asarray(sc)[:k], np.asarray(row)[:k], np.asarray(sh)[:k]
+            better = sc > best[idx]
+            best[idx[better]], best_row[idx[better]], best_shift[idx[better]] = sc[better], row[better], sh[better]
+
+        for g, mem in enumerate(group_members):
+            if len(mem) == 0:
+                continue
+            if cached:  # one call per piece scores the whole block of chunks of the group
+                f0, nc = rep(jnp.int32(first[g])), rep(jnp.int32(n_chunks[g]))
+                for idx, (cf, c2, inorm) in pieces(mem):
+                    keep(idx, *prog.coarse(cf, c2, inorm, table, powers_t, mask, f0, nc, band, shifts_j))
+                    work_done += len(idx) * n_chunks[g]
+                    report(b0 + 0.9 * len(ids) * work_done / work_total)
+            else:  # each chunk is projected once for the block and scores every piece of the group
+                zero, one = rep(jnp.int32(0)), rep(jnp.int32(1))
+                for c in range(first[g], first[g] + n_chunks[g]):
+                    refs, powers = project_rows(slice(c * r_chunk, (c + 1) * r_chunk))
+                    refs, powers = rep(refs.reshape(1, r_chunk, -1)), rep(powers.reshape(1, r_chunk, -1))
+                    cmask = rep(jnp.asarray(valid[c * r_chunk : (c + 1) * r_chunk].reshape(1, r_chunk)))
+                    for idx, (cf, c2, inorm) in pieces(mem):
+                        sc, row, sh = prog.coarse(cf, c2, inorm, refs, powers, cmask, zero, one, band, shifts_j)
+                        keep(idx, sc, np.asarray(row) + c * r_chunk, sh)
+                    work_done += len(mem)
+                    report(b0 + 0.9 * len(ids) * work_done / work_total)
+        rotmats[ids], origins[ids], scores[ids] = all_poses[best_row], shifts[best_shift], best
+
+        # (4) refinement in fixed-size chunks
+        for s in range(0, len(ids), ref_chunk):
+            idx = np.arange(s, min(len(ids), s + ref_chunk))
+            if passes:
+                fill = np.concatenate([idx, np.full(ref_chunk - len(idx), idx[0])])
+                gi = ids[fill]
+                cf, c2, inorm = (shard(a) for a in _take_particles(cf_all, c2_all, in_all, fill.astype(np.int32)))
+                rot, org, sc = prog.refine(
+                    vol_ft, cf, c2, inorm, shard(jnp.asarray(rotmats[gi])),
+                    shard(jnp.asarray(origins[gi])), band, angular_step_deg, psi_step_deg,
+                )
+                k = len(idx)
+                rotmats[ids[idx]], origins[ids[idx]], scores[ids[idx]] = np.asarray(rot)[:k], np.asarray(org)[:k], np.asarray(sc)[:k]
+            report(b0 + 0.9 * len(ids) + 0.1 * (idx[-1] + 1))
+        report(b0 + len(ids))
     region, _ = assign_regions(rotmats[:, 2, :].astype(float), centres, ops)
     return {
         "eulers_deg": matrix_to_euler(rotmats.astype(float)),
