@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/large_stack.py                        # 100,000 × 128² float32 (6.1 GiB)
     .venv/bin/python benchmarks/large_stack.py --n-particles 20000    # 1.2 GiB, a quick check
     .venv/bin/python benchmarks/large_stack.py --align-particles 4000 --keep   # keep WORKDIR
+    .venv/bin/python benchmarks/large_stack.py --box 314 --n-particles 20000 --align-particles 500 \
+        --out benchmarks/results/large_stack_314.json                    # the paper's spike box (7.3 GiB)
 
 Steps (all through the real CLI, in WORKDIR, default /tmp/deepalign_large_stack):
 
@@ -147,12 +149,16 @@ def adopt_stages(dst: Path, src: Path, stages=("label", "train")) -> None:
 
 
 def main() -> None:
+    global BOX_PX
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-particles", type=int, default=100_000)
     ap.add_argument("--align-particles", type=int, default=2000, help="particles aligned (every k-th of the stack)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/deepalign_large_stack"))
     ap.add_argument("--keep", action="store_true", help="keep WORKDIR")
+    ap.add_argument("--box", type=int, default=BOX_PX, help="stack box (px); 314 = the paper's spike case")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
+    BOX_PX = a.box
 
     w = a.workdir
     need = a.n_particles * BOX_PX * BOX_PX * 4
@@ -237,8 +243,8 @@ def main() -> None:
             "predict": predict,
             "align": align,
         }
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))
     finally:
         if not a.keep:

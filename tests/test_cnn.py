@@ -10,17 +10,20 @@ from deepalign_cli.config import TrainConfig
 from deepalign_cli.core import augment, cnn
 
 
+@pytest.mark.parametrize("impl", ["fft", "patches"])
 @pytest.mark.parametrize("k", [10, 6, 4, 3])
-def test_fft_conv_equals_direct_conv_values_and_gradients(k):
+def test_fast_convs_equal_direct_conv_values_and_gradients(k, impl):
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, 30, 30, 3))
     w = jax.random.normal(kw, (k, k, 3, 5)) / k
-    direct, fft = cnn.conv2d_direct(x, w), cnn.conv2d_fft(x, w)
-    assert fft.shape == direct.shape == (2, 30, 30, 5)
-    assert float(jnp.max(jnp.abs(fft - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
-    g_direct = jax.grad(lambda w: jnp.sum(cnn.conv2d_direct(x, w) ** 2))(w)
-    g_fft = jax.grad(lambda w: jnp.sum(cnn.conv2d_fft(x, w) ** 2))(w)
-    assert float(jnp.max(jnp.abs(g_fft - g_direct))) < 1e-4 * float(jnp.max(jnp.abs(g_direct)))
+    conv = cnn._CONVS[impl]
+    direct, fast = cnn.conv2d_direct(x, w), conv(x, w)
+    assert fast.shape == direct.shape == (2, 30, 30, 5)
+    assert float(jnp.max(jnp.abs(fast - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
+    for arg in (0, 1):  # gradients with respect to the input and to the kernel
+        g_direct = jax.grad(lambda x, w: jnp.sum(cnn.conv2d_direct(x, w) ** 2), argnums=arg)(x, w)
+        g_fast = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=arg)(x, w)
+        assert float(jnp.max(jnp.abs(g_fast - g_direct))) < 1e-4 * float(jnp.max(jnp.abs(g_direct)))
 
 
 def test_same_padding_matches_keras_convention_for_even_kernels():

@@ -332,6 +332,7 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
             shutil.rmtree(partial_dir, ignore_errors=True)
         starts = range(0, n, chunk)
         reused = 0
+        step_seconds = {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}
         t0 = time.perf_counter()
         with progress() as bar:
             task = bar.add_task(f"align ({mode})", total=n, rate="")
@@ -350,6 +351,8 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
                         memory_budget_gb=al.memory_budget_gb, exhaustive=exhaustive, progress=tick,
                     )
                     save_chunk(partial_dir, k, local, out)
+                    for name, sec in out["seconds"].items():
+                        step_seconds[name] += sec
                 else:
                     reused += 1
                     bar.update(task, completed=start + len(local))
@@ -363,7 +366,8 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
                "reference": ref_desc, "working_box_px": box, "working_pixel_ang": pixel, "lowpass_resolution_ang": round(resolution, 3),
                "angular_step_deg": round(step, 4), "psi_step_deg": round(psi, 4), "margin_deg": round(margin, 4),
                "max_shift_px": al.max_shift_px, "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
-               "median_score": float(np.median(score)), "regions": regions_spec, "chunks": len(starts), "chunks_reused": reused}
+               "median_score": float(np.median(score)), "regions": regions_spec, "chunks": len(starts), "chunks_reused": reused,
+               "step_seconds": {k: round(v, 3) for k, v in step_seconds.items()}}
     if shard is not None:
         star.write_particles(shard_path, aligned)
         write_text_atomic(shard_path.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")

@@ -76,7 +76,7 @@ def conv_impls_for(kernels: Sequence[int], conv_impl: str, backend: str | None =
     conv_impl: "direct", "fft" or "auto" (FFT for kernels ≥ the backend's measured threshold).
     backend: jax backend name; default `jax.default_backend()`.
     """
-    if conv_impl in ("direct", "fft"):
+    if conv_impl in _CONVS:
         return tuple(conv_impl for _ in kernels)
     backend = backend or jax.default_backend()
     threshold = FFT_MIN_KERNEL_CPU if backend == "cpu" else FFT_MIN_KERNEL_ACCEL
@@ -132,8 +132,27 @@ def conv2d_fft(x: jax.Array, w: jax.Array) -> jax.Array:
     return y[:, oy : oy + h, ox : ox + wd, :]
 
 
+def conv2d_patches(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Same result as `conv2d_direct` as one matrix product (im2col): the kh·kw shifted views of
+    the zero-padded input are concatenated along channels, (B·H·W, kh·kw·Cin) @ (kh·kw·Cin, Cout).
+
+    XLA:CPU runs large GEMMs near the machine's peak but its convolutions (and their gradients)
+    far below it; the price is a patch tensor kh·kw times the input (kept for the backward pass).
+    x: (B, H, W, Cin) float32.  w: (kh, kw, Cin, Cout) float32.  Returns (B, H, W, Cout) float32."""
+    kh, kw, cin, cout = w.shape
+    _, h, wd, _ = x.shape
+    (ly, hy), (lx, hx) = _same_pads(kh), _same_pads(kw)
+    xp = jnp.pad(x, ((0, 0), (ly, hy), (lx, hx), (0, 0)))
+    cols = jnp.concatenate([xp[:, i : i + h, j : j + wd, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return cols @ w.reshape(kh * kw * cin, cout)
+
+
+_CONVS = {"direct": conv2d_direct, "fft": conv2d_fft, "patches": conv2d_patches}
+
+
 class Conv(nn.Module):
-    """'same' conv layer with a selectable implementation (direct or FFT), Glorot kernel + bias."""
+    """'same' conv layer with a selectable implementation (direct, FFT or patches), Glorot kernel
+    + bias."""
 
     features: int
     kernel_px: int
@@ -145,8 +164,7 @@ class Conv(nn.Module):
             "kernel", nn.initializers.glorot_uniform(), (self.kernel_px, self.kernel_px, x.shape[-1], self.features)
         )
         b = self.param("bias", nn.initializers.zeros, (self.features,))
-        conv = conv2d_fft if self.impl == "fft" else conv2d_direct
-        return conv(x, w) + b
+        return _CONVS[self.impl](x, w) + b
 
 
 class RegionCNN(nn.Module):

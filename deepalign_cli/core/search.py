@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 
@@ -88,7 +89,7 @@ PROJECTION_WORK_FACTOR = 6
 MAX_TABLE_CHUNK = 1024  # poses projected per reference-table call
 FEATURE_CHUNK = 64  # particles per feature (FFT, CTF) call
 REFINE_CHUNK = 64  # particles per refinement call
-MAX_REF_CHUNK = 1024  # references per coarse chunk: GEMMs at full speed, little padding per region
+MAX_REF_CHUNK = 512  # references per coarse chunk: GEMMs at full speed (measured 256–1024), little padding per region
 COARSE_CHUNK = 8  # particles per coarse GEMM: b·S shifted particle rows stay cache-sized (measured fastest, both modes)
 
 
@@ -486,7 +487,9 @@ def align_particles(
     exhaustive: search the union of all regions (no margin) with the same code.
     progress: called with the (estimated, non-decreasing) number of particles finished.
     Returns dict of numpy arrays: eulers_deg (n, 3) RELION rot/tilt/psi, origins_px (n, 2) RELION
-    (OriginX, OriginY) in px, score (n,) NCC, region (n,) region of the found direction.
+    (OriginX, OriginY) in px, score (n,) NCC, region (n,) region of the found direction; and
+    "seconds": {"project", "features", "coarse", "refine"} wall time of each step (the reference
+    projection is a one-time cost per call; the others grow with the number of particles).
 
     Steps (module docstring): (1) every group's poses get a contiguous block of reference chunks
     in one pose table; when the projected table fits in a quarter of the budget it is projected
@@ -537,6 +540,16 @@ def align_particles(
         m = len(poses) - pad
         return jnp.concatenate([q[0] for q in parts])[:m], jnp.concatenate([q[1] for q in parts])[:m]
 
+    clock = {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}
+    tick = time.perf_counter()
+
+    def lap(name: str, *wait):
+        nonlocal tick
+        jax.block_until_ready(wait)
+        now = time.perf_counter()
+        clock[name] += now - tick
+        tick = now
+
     if cached:
         parts = []
         for g, gal in enumerate(galleries):  # project the real poses only; padding rows stay zero
@@ -547,6 +560,7 @@ def align_particles(
         table = rep(jnp.concatenate([q[0] for q in parts]).reshape(-1, r_chunk, 2 * n_coeffs))
         powers_t = rep(jnp.concatenate([q[1] for q in parts]).reshape(-1, r_chunk, n_coeffs))
         del parts
+        lap("project", table, powers_t)
 
     # (2) particle features, block by block (a block's features take ≤ a quarter of the budget)
     block = int(max(b_chunk, budget / 4 // (3 * n_coeffs * BYTES_F32 + box * box * BYTES_F32)))
@@ -580,6 +594,7 @@ def align_particles(
         # replicated on several devices, so that any group's rows are gathered locally
         cf_all, c2_all, in_all = (rep(jnp.concatenate([f[i] for f in feats])[: len(ids)]) for i in range(3))
         del feats
+        lap("features", cf_all, c2_all, in_all)
 
         # (3) coarse search, group by group; each particle keeps its best (score, pose row, shift)
         best = np.full(len(ids), -np.inf, np.float32)
@@ -615,7 +630,9 @@ def align_particles(
             else:  # each chunk is projected once for the block and scores every piece of the group
                 zero, one = rep(jnp.int32(0)), rep(jnp.int32(1))
                 for c in range(first[g], first[g] + n_chunks[g]):
+                    lap("coarse")
                     refs, powers = project_rows(slice(c * r_chunk, (c + 1) * r_chunk))
+                    lap("project", refs, powers)
                     refs, powers = rep(refs.reshape(1, r_chunk, -1)), rep(powers.reshape(1, r_chunk, -1))
                     cmask = rep(jnp.asarray(valid[c * r_chunk : (c + 1) * r_chunk].reshape(1, r_chunk)))
                     for idx, (cf, c2, inorm) in pieces(mem):
@@ -624,6 +641,7 @@ def align_particles(
                     work_done += len(mem)
                     report(b0 + 0.9 * len(ids) * work_done / work_total)
         rotmats[ids], origins[ids], scores[ids] = all_poses[best_row], shifts[best_shift], best
+        lap("coarse")
 
         # (4) refinement in fixed-size chunks
         for s in range(0, len(ids), ref_chunk):
@@ -639,6 +657,7 @@ def align_particles(
                 k = len(idx)
                 rotmats[ids[idx]], origins[ids[idx]], scores[ids[idx]] = np.asarray(rot)[:k], np.asarray(org)[:k], np.asarray(sc)[:k]
             report(b0 + 0.9 * len(ids) + 0.1 * (idx[-1] + 1))
+        lap("refine")
         report(b0 + len(ids))
     region, _ = assign_regions(rotmats[:, 2, :].astype(float), centres, ops)
     return {
@@ -646,4 +665,5 @@ def align_particles(
         "origins_px": origins,
         "score": scores,
         "region": region,
+        "seconds": clock,
     }
