@@ -178,3 +178,18 @@ def test_band_references_equal_projector_slices(vol_ft):
     band = search.fourier_band(BOX, PIXEL)  # up to Nyquist, including the kx = -N/2 column
     full = np.asarray(projector.project_ft(vol_ft, rotmats)).reshape(2, -1)[:, np.asarray(band.flat_index)]
     np.testing.assert_allclose(np.asarray(search.band_projections(vol_ft, band, rotmats)), full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+
+
+def test_table_cache_projects_once_per_run_and_changes_no_pose(vol_ft):
+    images, eulers, _, params = _particles(vol_ft, seed=7, n=8, region=12, snr=1.0)
+    cands = np.array([[12, 13]] * 4 + [[12, 11]] * 4)
+    halves = (slice(0, 4), slice(4, 8))
+    plain = [_align(vol_ft, images[h], {k: v[h] if np.ndim(v) else v for k, v in params.items()}, cands[h]) for h in halves]
+    cache: dict = {}
+    cached = [_align(vol_ft, images[h], {k: v[h] if np.ndim(v) else v for k, v in params.items()}, cands[h], table_cache=cache)
+              for h in halves]
+    assert len(cache) == 1
+    assert cached[0]["seconds"]["project"] > 0 and cached[1]["seconds"]["project"] == 0.0  # second chunk: no projection
+    for p, c in zip(plain, cached):
+        np.testing.assert_allclose(p["eulers_deg"], c["eulers_deg"], atol=1e-4)
+        np.testing.assert_allclose(p["score"], c["score"], atol=1e-5)

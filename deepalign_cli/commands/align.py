@@ -333,6 +333,7 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
         starts = range(0, n, chunk)
         reused = 0
         step_seconds = {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}
+        table_cache: dict = {}  # the reference table, projected once for all chunks
         t0 = time.perf_counter()
         with progress() as bar:
             task = bar.add_task(f"align ({mode})", total=n, rate="")
@@ -348,7 +349,7 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
                         source.read(idx), vol_ft, None if cand_mat is None else cand_mat[local], centres, ops,
                         pixel_size_ang=pixel, angular_step_deg=step, psi_step_deg=psi, margin_deg=margin, max_shift_px=al.max_shift_px,
                         ctf_params=source.ctf_params(idx) if al.ctf else None, refine=al.refine, lowpass_resolution_ang=resolution,
-                        memory_budget_gb=al.memory_budget_gb, exhaustive=exhaustive, progress=tick,
+                        memory_budget_gb=al.memory_budget_gb, exhaustive=exhaustive, progress=tick, table_cache=table_cache,
                     )
                     save_chunk(partial_dir, k, local, out)
                     for name, sec in out["seconds"].items():

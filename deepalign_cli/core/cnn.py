@@ -58,6 +58,11 @@ POOL_PX = 2
 # fft/direct/direct → fft/fft/direct → fft/fft/fft): 64 px (kernels 21, 6, 3): 206 → 333 → 318 →
 # 264; 120 px (kernels 40, 12, 6): 20 → 37 → 52 → 49. FFT pays from kernel ~10 upwards; for the
 # small last kernels the FFT's fixed cost (Cin + Cout transforms) is larger than the direct MACs.
+# "patches" (im2col + one GEMM, `conv2d_patches`) was measured slower on the same machine
+# (2026-11-25, idle, image-steps/s): 64 px fft/direct/direct 355 vs fft/patches/direct 238 and
+# fft/patches/patches 209; 120 px fft/fft/direct 64 vs fft/patches/direct 17 and fft/fft/patches
+# 69 (equal within noise): the patch tensor (k² × the activations) costs more memory traffic than
+# XLA's convolution loses, so "auto" never picks it; it stays selectable (`conv_impl: patches`).
 # Re-measure with `benchmarks/train_predict.py --conv-sweep`.
 FFT_MIN_KERNEL_CPU = 8
 # On GPU the cuDNN direct convolution wins for all of the paper's kernels at these box sizes.

@@ -32,9 +32,10 @@ pair is projected directly with the Fourier-slice projector at (rot, tilt, psi)
 (``projector.sample_slices`` on the K band frequencies only). Each group owns a contiguous block of
 reference chunks (≤ MAX_REF_CHUNK rows, so a region wastes little on padding) in one pose table:
 when the projected table fits in a quarter of the memory budget it is projected ONCE and every
-group scores its block in place (no gather); otherwise the chunks are projected one at a time and
-each projected chunk scores all the particles of the group in the current block before the next
-is projected. Exhaustive mode uses the same table and the same programs, with one group (the
+group scores its block in place (no gather); otherwise the group's chunks are projected a window
+at a time (a quarter of the budget) and each projected window scores all the particles of the
+group in the current block before the next is projected. ``table_cache`` keeps the table across
+calls (the chunks of one `align` run) so that it is projected once per run. Exhaustive mode uses the same table and the same programs, with one group (the
 asymmetric unit).
 
 Refinement (``refine_passes`` > 0), coordinate-wise: pass p (scale 2^-p) fixes a 3 × 3 grid of
@@ -438,14 +439,15 @@ def _programs(mesh, refine_passes: int) -> _Programs:
     )
 
 
-def _search_groups(n: int, candidate_regions, exhaustive: bool, lattice, centres, ops, margin_deg: float):
+def _search_groups(n: int, candidate_regions, exhaustive: bool, lattice, centres, ops, margin_deg: float, all_regions: bool = False):
     """(galleries, members): one search group per candidate region (its gallery: lattice indices
     of the region plus the margin; its members: the particles that have the region among their
-    candidates), or one group (the asymmetric unit, every particle) when exhaustive."""
+    candidates; every region when all_regions, so that the layout does not depend on the
+    particles), or one group (the asymmetric unit, every particle) when exhaustive."""
     if exhaustive:
         return [region_gallery_indices(lattice, centres, ops, range(len(centres)), 0.0)], [np.arange(n)]
     cand = np.asarray(candidate_regions, int).reshape(n, -1)
-    used = np.unique(cand)
+    used = np.arange(len(centres)) if all_regions else np.unique(cand)
     masks = region_gallery_masks(lattice, centres, ops, used, margin_deg)  # (len(used), L)
     return [np.flatnonzero(m) for m in masks], [np.flatnonzero((cand == r).any(axis=1)) for r in used]
 
@@ -468,6 +470,7 @@ def align_particles(
     memory_budget_gb: float = 4.0,
     exhaustive: bool = False,
     progress: Callable[[int], None] | None = None,
+    table_cache: dict | None = None,
 ) -> dict:
     """Align every particle inside its candidate regions (or the whole asymmetric unit).
 
@@ -486,6 +489,10 @@ def align_particles(
     memory_budget_gb: bound on the reference table and transient arrays (:func:`chunk_sizes`).
     exhaustive: search the union of all regions (no margin) with the same code.
     progress: called with the (estimated, non-decreasing) number of particles finished.
+    table_cache: a dict kept by the caller across calls with the same map and settings (e.g. the
+        chunks of one `align` run): the projected reference table is stored in it and reused, so
+        it is projected once per run instead of once per call. With a cache the restricted table
+        holds every region (its layout must not depend on a chunk's particles).
     Returns dict of numpy arrays: eulers_deg (n, 3) RELION rot/tilt/psi, origins_px (n, 2) RELION
     (OriginX, OriginY) in px, score (n,) NCC, region (n,) region of the found direction; and
     "seconds": {"project", "features", "coarse", "refine"} wall time of each step (the reference
@@ -505,11 +512,13 @@ def align_particles(
     shard = lambda t: devices.shard_leading(t, mesh, devices.PARTICLE_AXIS)
     lattice = sphere_lattice(angular_step_deg)
     n_psi = len(psi_angles(psi_step_deg))
-    galleries, members = _search_groups(n, candidate_regions, exhaustive, lattice, centres, ops, margin_deg)
+    galleries, members = _search_groups(n, candidate_regions, exhaustive, lattice, centres, ops, margin_deg,
+                                        all_regions=table_cache is not None)
     band = fourier_band(box, pixel_size_ang, lowpass_resolution_ang)
     n_coeffs = int(band.flat_index.shape[0])
     shifts = shift_disc(max_shift_px)
     shifts_j = jnp.asarray(shifts)
+    vol_in = vol_ft  # the caller's object: identifies the map in table_cache
     vol_ft, band, shifts_j = rep(vol_ft), rep(band), rep(shifts_j)
     n_refs_max = max(len(g) for g in galleries) * n_psi
     b_chunk, r_chunk = chunk_sizes(box, n_coeffs, len(shifts), n_refs_max, memory_budget_gb)
@@ -530,6 +539,9 @@ def align_particles(
     mask = rep(jnp.asarray(valid.reshape(-1, r_chunk)))
     cached = total_rows * 3 * n_coeffs * BYTES_F32 <= budget / 4
     tab_chunk = devices.pad_to_multiple(min(r_chunk, MAX_TABLE_CHUNK), n_dev)
+    # without the whole table: windows of this many chunks (a quarter of the budget) are projected at a time
+    window = int(max(1, min(n_chunks.max(), budget / 4 // (r_chunk * 3 * n_coeffs * BYTES_F32))))
+    zero = rep(jnp.int32(0))
 
     def project_rows(rows: slice):
         """(refs (m, 2K), powers (m, K)) of all_poses[rows], projected tab_chunk poses per call."""
@@ -550,7 +562,11 @@ def align_particles(
         clock[name] += now - tick
         tick = now
 
-    if cached:
+    cache_key = (id(vol_in), box, float(pixel_size_ang), lowpass_resolution_ang, float(angular_step_deg), float(psi_step_deg),
+                 float(margin_deg), bool(exhaustive), len(centres), r_chunk, n_dev)
+    if cached and table_cache is not None and cache_key in table_cache:
+        _, table, powers_t = table_cache[cache_key]
+    elif cached:
         parts = []
         for g, gal in enumerate(galleries):  # project the real poses only; padding rows stay zero
             start, m = first[g] * r_chunk, len(gal) * n_psi
@@ -561,6 +577,9 @@ def align_particles(
         powers_t = rep(jnp.concatenate([q[1] for q in parts]).reshape(-1, r_chunk, n_coeffs))
         del parts
         lap("project", table, powers_t)
+        if table_cache is not None:
+            table_cache.clear()  # one table at a time
+            table_cache[cache_key] = (vol_in, table, powers_t)  # holding vol_in keeps its id unique
 
     # (2) particle features, block by block (a block's features take ≤ a quarter of the budget)
     block = int(max(b_chunk, budget / 4 // (3 * n_coeffs * BYTES_F32 + box * box * BYTES_F32)))
@@ -627,19 +646,23 @@ def align_particles(
                     keep(idx, *prog.coarse(cf, c2, inorm, table, powers_t, mask, f0, nc, band, shifts_j))
                     work_done += len(idx) * n_chunks[g]
                     report(b0 + 0.9 * len(ids) * work_done / work_total)
-            else:  # each chunk is projected once for the block and scores every piece of the group
-                zero, one = rep(jnp.int32(0)), rep(jnp.int32(1))
-                for c in range(first[g], first[g] + n_chunks[g]):
+            else:  # windows of chunks, each projected once per block, score every piece of the group
+                for w0 in range(first[g], first[g] + n_chunks[g], window):
+                    w1 = min(w0 + window, first[g] + n_chunks[g])
                     lap("coarse")
-                    refs, powers = project_rows(slice(c * r_chunk, (c + 1) * r_chunk))
+                    refs, powers = project_rows(slice(w0 * r_chunk, w1 * r_chunk))
+                    pad = (window - (w1 - w0)) * r_chunk  # a fixed window shape: one compiled program
+                    refs = rep(jnp.pad(refs, ((0, pad), (0, 0))).reshape(window, r_chunk, -1))
+                    powers = rep(jnp.pad(powers, ((0, pad), (0, 0))).reshape(window, r_chunk, -1))
+                    cmask = np.zeros((window, r_chunk), bool)
+                    cmask[: w1 - w0] = valid[w0 * r_chunk : w1 * r_chunk].reshape(-1, r_chunk)
+                    cmask, n_w = rep(jnp.asarray(cmask)), rep(jnp.int32(w1 - w0))
                     lap("project", refs, powers)
-                    refs, powers = rep(refs.reshape(1, r_chunk, -1)), rep(powers.reshape(1, r_chunk, -1))
-                    cmask = rep(jnp.asarray(valid[c * r_chunk : (c + 1) * r_chunk].reshape(1, r_chunk)))
                     for idx, (cf, c2, inorm) in pieces(mem):
-                        sc, row, sh = prog.coarse(cf, c2, inorm, refs, powers, cmask, zero, one, band, shifts_j)
-                        keep(idx, sc, np.asarray(row) + c * r_chunk, sh)
-                    work_done += len(mem)
-                    report(b0 + 0.9 * len(ids) * work_done / work_total)
+                        sc, row, sh = prog.coarse(cf, c2, inorm, refs, powers, cmask, zero, n_w, band, shifts_j)
+                        keep(idx, sc, np.asarray(row) + w0 * r_chunk, sh)
+                        work_done += len(idx) * (w1 - w0)
+                        report(b0 + 0.9 * len(ids) * work_done / work_total)
         rotmats[ids], origins[ids], scores[ids] = all_poses[best_row], shifts[best_shift], best
         lap("coarse")
 
