@@ -538,7 +538,7 @@ def align_particles(
         valid[first[g] * r_chunk : first[g] * r_chunk + len(p)] = True
     mask = rep(jnp.asarray(valid.reshape(-1, r_chunk)))
     cached = total_rows * 3 * n_coeffs * BYTES_F32 <= budget / 4
-    tab_chunk = devices.pad_to_multiple(min(r_chunk, MAX_TABLE_CHUNK), n_dev)
+    tab_chunk = devices.pad_to_multiple(MAX_TABLE_CHUNK, n_dev)  # projection calls: larger is faster
     # without the whole table: windows of this many chunks (a quarter of the budget) are projected at a time
     window = int(max(1, min(n_chunks.max(), budget / 4 // (r_chunk * 3 * n_coeffs * BYTES_F32))))
     zero = rep(jnp.int32(0))
