@@ -25,8 +25,8 @@ Per case (C1, and C4 with a C4-symmetrised map):
    regions kept by cumulative probability 0.5 (predict --cumulative-p; the mean number kept is
    reported), 7.5° gallery step + local refinement, shifts ≤ 3 working px.
 3. **RELION** (Debian's 3.1.3) from the true map low-passed to 30 Å (``--ini_high 30
-   --firstiter_cc``), ``--ctf --particle_diameter 300 --sym C1|C4 --healpix_order 2`` (15°,
-   oversampled once to 7.5° in the fine pass), offsets ±5 px in steps of 2, ``--norm --scale``.
+   --firstiter_cc``), ``--ctf --particle_diameter 300 --sym C1|C4 --healpix_order 2`` (7.5°,
+   oversampled once to 3.75° in the fine pass), offsets ±5 px in steps of 2, ``--norm --scale``.
    Default (``--relion-mode global``): a fixed number of global-search iterations
    (``relion_refine --iter N --K 1``, ``--j 2``; ``--relion-iter``, default 1 — issue 8's "one
    iteration of global angular search") — auto-refine does not fit the time budget on 2 cores
@@ -460,7 +460,7 @@ def main() -> int:
     ap.add_argument("--relion-mode", choices=["auto", "global"], default="global",
                     help="auto: relion_refine --auto_refine; global: --iter N global-search iterations at --relion-healpix")
     ap.add_argument("--relion-iter", type=int, default=1, help="iterations in --relion-mode global")
-    ap.add_argument("--relion-healpix", type=int, default=2, help="healpix order of the (initial) global search (2 = 15°)")
+    ap.add_argument("--relion-healpix", type=int, default=2, help="healpix order of the (initial) global search (RELION: 1 = 15°, 2 = 7.5°)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new one under /tmp)")
     ap.add_argument("--reuse-data", action="store_true", help="keep WORKDIR/SYM particles when present")
     ap.add_argument("--skip-deepalign", action="store_true")

@@ -22,6 +22,7 @@ from deepalign_cli.core import geometry
 
 N_DEVICES = 4
 TIMEOUT_S = 300
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 ROOT = Path(__file__).resolve().parents[1]
 MAP = ROOT / "deepalign_cli" / "data" / "ribosome70S_65.mrc"
 
@@ -95,7 +96,7 @@ def _run_both(tmp_path: Path) -> tuple[dict, dict]:
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base["JAX_PLATFORMS"] = "cpu"
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    envs = {1: {**base, "XLA_FLAGS": flags}, N_DEVICES: {**base, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={N_DEVICES}".strip()}}
+    envs = {1: {**base, "XLA_FLAGS": flags}, N_DEVICES: {**base, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={N_DEVICES} --xla_dump_to={tmp_path / 'hlo'}".strip()}}
     procs = {
         d: subprocess.Popen([sys.executable, str(script), str(tmp_path / f"out{d}.npz"), str(MAP)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -104,7 +105,13 @@ def _run_both(tmp_path: Path) -> tuple[dict, dict]:
     for d, p in procs.items():
         _, err = p.communicate(timeout=TIMEOUT_S)
         assert p.returncode == 0, f"{d}-device run failed:\n{err[-4000:]}"
-    return tuple(dict(np.load(tmp_path / f"out{d}.npz")) for d in (1, N_DEVICES))
+    one, many = (dict(np.load(tmp_path / f"out{d}.npz")) for d in (1, N_DEVICES))
+    # every program the sharded run compiled, by name, with its collective operations (if any)
+    many["collectives"] = {
+        f.name: sorted({op for op in COLLECTIVES if op in f.read_text()})
+        for f in (tmp_path / "hlo").glob("*after_optimizations.txt")
+    }
+    return one, many
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +130,16 @@ def test_work_is_really_sharded_over_four_devices(runs):
     axes = {a for a, _ in placed}
     assert axes == {"regions", "particles"}
     assert all(sizes == [N_DEVICES] for _, sizes in placed)
+
+
+def test_sharded_programs_use_no_collectives(runs):
+    """Every device works on its own slice: no program needs the others. A collective in an eager
+    op (e.g. slicing a sharded array) deadlocked XLA:CPU's forced devices on a loaded 2-core CI
+    machine ("Expected 4 threads to join the rendezvous"), and on GPUs it would be a needless sync."""
+    _, four = runs
+    compiled = four["collectives"]
+    assert len(compiled) > 20  # the dump really holds the run's programs
+    assert {name: ops for name, ops in compiled.items() if ops} == {}
 
 
 def test_prediction_and_training_equal_one_device(runs):

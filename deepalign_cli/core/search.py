@@ -548,7 +548,10 @@ def align_particles(
         poses = all_poses[rows]
         pad = -len(poses) % tab_chunk
         poses = np.concatenate([poses, np.broadcast_to(np.eye(3, dtype=np.float32), (pad, 3, 3))])
-        parts = [prog.table(vol_ft, band, shard(jnp.asarray(poses[s : s + tab_chunk]))) for s in range(0, len(poses), tab_chunk)]
+        # each part replicated before any eager concatenate/slice: an eager op on a sharded array
+        # compiles to an all-gather, which can deadlock XLA:CPU's forced host devices on few cores
+        parts = [tuple(rep(q) for q in prog.table(vol_ft, band, shard(jnp.asarray(poses[s : s + tab_chunk]))))
+                 for s in range(0, len(poses), tab_chunk)]
         m = len(poses) - pad
         return jnp.concatenate([q[0] for q in parts])[:m], jnp.concatenate([q[1] for q in parts])[:m]
 
@@ -609,9 +612,11 @@ def align_particles(
             idx = ids[s : s + feat_chunk]
             fill = np.concatenate([idx, np.full(feat_chunk - len(idx), idx[0])])
             imgs = jnp.asarray(np.stack([np.asarray(images[i], np.float32) for i in fill]))
-            feats.append(prog.features(shard(imgs), shard(_ctf_chunk(ctf_params, fill, box, pixel_size_ang)), band))
-        # replicated on several devices, so that any group's rows are gathered locally
-        cf_all, c2_all, in_all = (rep(jnp.concatenate([f[i] for f in feats])[: len(ids)]) for i in range(3))
+            out = prog.features(shard(imgs), shard(_ctf_chunk(ctf_params, fill, box, pixel_size_ang)), band)
+            # replicated on several devices (by copies, not collectives), so that any group's rows
+            # are gathered locally
+            feats.append(tuple(rep(q) for q in out))
+        cf_all, c2_all, in_all = (jnp.concatenate([f[i] for f in feats])[: len(ids)] for i in range(3))
         del feats
         lap("features", cf_all, c2_all, in_all)
 
