@@ -122,6 +122,7 @@ def test_align_with_true_regions_recovers_poses_at_snr_0_1(project):
     summary = json.loads((project / "align" / "summary.json").read_text())
     assert summary["mode"] == "restricted" and summary["n_particles"] == N and summary["particles_per_s"] > 0
     assert summary["angular_step_deg"] == 10.0 and summary["mean_candidate_regions"] == 2.0
+    assert summary["whole_unit_particles"] == 0  # two regions of 42: far less than the sphere
     assert all((project / "align" / f).stat().st_size > 0 for f in ("scores.png", "angles.png"))
     assert Project.open(project).is_done("align")
 

@@ -193,3 +193,29 @@ def test_table_cache_projects_once_per_run_and_changes_no_pose(vol_ft):
     for p, c in zip(plain, cached):
         np.testing.assert_allclose(p["eulers_deg"], c["eulers_deg"], atol=1e-4)
         np.testing.assert_allclose(p["score"], c["score"], atol=1e-5)
+
+
+def test_particles_whose_candidates_cover_the_unit_are_searched_whole(vol_ft):
+    lattice = search.sphere_lattice(15.0)
+    every = np.arange(len(CENTRES))
+    cands = np.full((4, len(CENTRES)), -1)
+    cands[:2, :2] = [20, 21]  # two regions: a tenth of the sphere
+    cands[2:] = every  # every region: the margins make the sum ~1.5× the sphere
+    wide = search.wide_candidate_particles(cands, 4, lattice, CENTRES, C1, 5.0)
+    assert wide.tolist() == [False, False, True, True]
+    # a region listed twice counts once; a whole-sphere margin makes even one region "wide"
+    assert not search.wide_candidate_particles(np.array([[20, 20, 20]]), 1, lattice, CENTRES, C1, 5.0)[0]
+    assert search.wide_candidate_particles(np.array([[20]]), 1, lattice, CENTRES, C1, 180.0)[0]
+
+    images, _, _, params = _particles(vol_ft, seed=8, n=4, region=20, snr=1.0)
+    seen = []
+    mixed = _align(vol_ft, images, params, cands, angular_step_deg=15.0, psi_step_deg=15.0, progress=seen.append)
+    narrow = _align(vol_ft, images[:2], {k: v[:2] if np.ndim(v) else v for k, v in params.items()}, cands[:2, :2],
+                    angular_step_deg=15.0, psi_step_deg=15.0)
+    whole = _align(vol_ft, images[2:], {k: v[2:] if np.ndim(v) else v for k, v in params.items()}, None,
+                   angular_step_deg=15.0, psi_step_deg=15.0, exhaustive=True)
+    for key in ("eulers_deg", "origins_px", "score", "region"):
+        np.testing.assert_allclose(mixed[key][:2], narrow[key], atol=1e-4)
+        np.testing.assert_allclose(mixed[key][2:], whole[key], atol=1e-4)
+    assert seen == sorted(seen) and seen[-1] == 4
+    assert mixed["seconds"]["project"] > 0

@@ -52,7 +52,7 @@ import typer
 from .. import plots
 from ..config import PreprocessConfig, RegionConfig
 from ..core import gallery, preprocess, projector, regions
-from ..core.search import align_particles
+from ..core.search import align_particles, wide_candidate_particles
 from ..errors import DeepAlignError
 from ..io import mrc, star
 from ..io.atomic import atomic_write, staged_dir, write_text_atomic
@@ -363,10 +363,17 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
             console.print(f"resume: {reused} of {len(starts)} chunks reused from {partial_dir.relative_to(proj.root)}"
                           + ("" if reused else " (none saved with these settings; started from the first chunk)"))
     aligned = with_alignment(table, rows, eulers, origins_px * pixel, score, region)
+    # particles whose candidate galleries hold the whole asymmetric unit were searched over it
+    whole_unit = 0 if cand_mat is None else int(wide_candidate_particles(
+        cand_mat, n, gallery.sphere_lattice(step), centres, ops, margin).sum())
+    if whole_unit:
+        console.print(f"{whole_unit} of {n} particles searched over the whole asymmetric unit: their candidate regions "
+                      f"with {margin:.1f}° margins hold more directions than it")
     summary = {"mode": mode, "n_particles": n, "seconds": round(t.seconds, 3), "particles_per_s": round(n / max(t.seconds, 1e-9), 3),
                "reference": ref_desc, "working_box_px": box, "working_pixel_ang": pixel, "lowpass_resolution_ang": round(resolution, 3),
                "angular_step_deg": round(step, 4), "psi_step_deg": round(psi, 4), "margin_deg": round(margin, 4),
                "max_shift_px": al.max_shift_px, "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
+               "whole_unit_particles": whole_unit,
                "median_score": float(np.median(score)), "regions": regions_spec, "chunks": len(starts), "chunks_reused": reused,
                "step_seconds": {k: round(v, 3) for k, v in step_seconds.items()}}
     if shard is not None:

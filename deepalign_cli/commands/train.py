@@ -39,7 +39,7 @@ from .. import plots
 from ..errors import DeepAlignError
 from ..io import checkpoints as ckpt
 from ..io import star
-from ..io.atomic import atomic_write, write_text_atomic
+from ..io.atomic import atomic_write, remove_pending, write_text_atomic
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ..regionspec import format_regions, parse_regions
@@ -65,6 +65,7 @@ def exit_on_interrupt():
     try:
         yield
     except KeyboardInterrupt:
+        remove_pending()  # a temporary file the interrupt caught between its creation and its rename
         console.print("[yellow]interrupted; rerun with --resume[/yellow]", highlight=False)
         raise SystemExit(EXIT_INTERRUPTED)
     finally:

@@ -452,6 +452,40 @@ def _search_groups(n: int, candidate_regions, exhaustive: bool, lattice, centres
     return [np.flatnonzero(m) for m in masks], [np.flatnonzero((cand == r).any(axis=1)) for r in used]
 
 
+def wide_candidate_particles(candidate_regions, n: int, lattice, centres, ops, margin_deg: float) -> np.ndarray:
+    """(n,) bool: the particles whose candidate galleries (regions plus margins, summed) hold at
+    least as many directions as the whole asymmetric unit. Searching the asymmetric unit is then
+    no more work and covers every candidate direction (e.g. a cumulative-probability rule that
+    keeps many regions, or a coarse step whose margin is wide against the regions)."""
+    cand = np.asarray(candidate_regions, int).reshape(n, -1)
+    r = len(centres)
+    sizes = region_gallery_masks(lattice, centres, ops, range(r), margin_deg).sum(axis=1)
+    whole = len(region_gallery_indices(lattice, centres, ops, range(r), 0.0))
+    member = np.zeros((n, r), bool)  # each region counted once per particle; -1 (no region) ignored
+    rows, cols = np.nonzero((cand >= 0) & (cand < r))
+    member[rows, cand[rows, cols]] = True
+    return member.astype(np.int64) @ sizes >= whole
+
+
+class _Rows:
+    """The particles idx of an image array, read on access (a memmap stays on disk)."""
+
+    def __init__(self, images, idx: np.ndarray):
+        self.images, self.idx = images, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.images[int(self.idx[i])]
+
+
+def _subset_ctf(ctf_params: Mapping | None, idx: np.ndarray) -> Mapping | None:
+    if ctf_params is None:
+        return None
+    return {k: (np.asarray(v)[idx] if np.ndim(v) else v) for k, v in ctf_params.items()}
+
+
 def align_particles(
     images,
     vol_ft: VolumeFT,
@@ -478,7 +512,9 @@ def align_particles(
     vol_ft: prepared reference map (``projector.prepare_volume``), same box and pixel as images.
     candidate_regions: (n, k) int region indices per particle (e.g. predict's top-k); ignored when
         exhaustive. Every candidate region is one search group: its references are shared by all
-        the particles that list it, and a particle keeps the best pose over its k regions.
+        the particles that list it, and a particle keeps the best pose over its k regions. A
+        particle whose candidate galleries hold at least the asymmetric unit is searched over the
+        asymmetric unit instead (``wide_candidate_particles``): a superset, for no more work.
     centres: (R, 3) region centres.  ops: (G, 3, 3) symmetry operators.
     pixel_size_ang: Å/px.  angular_step_deg: gallery direction step.  psi_step_deg: in-plane step.
     margin_deg: gallery extends this far past the region borders.  max_shift_px: |origin| bound.
@@ -506,6 +542,29 @@ def align_particles(
     its groups; (4) the coarse poses are refined in fixed-size chunks.
     """
     n, box = len(images), vol_ft.box
+    if not exhaustive:  # particles whose candidates cover more than the asymmetric unit: search it whole
+        wide = wide_candidate_particles(candidate_regions, n, sphere_lattice(angular_step_deg), centres, ops, margin_deg)
+        if wide.any():
+            cand = np.asarray(candidate_regions, int).reshape(n, -1)
+            opts = dict(pixel_size_ang=pixel_size_ang, angular_step_deg=angular_step_deg, psi_step_deg=psi_step_deg,
+                        margin_deg=margin_deg, max_shift_px=max_shift_px, refine=refine,
+                        lowpass_resolution_ang=lowpass_resolution_ang, memory_budget_gb=memory_budget_gb, table_cache=table_cache)
+            out = {"eulers_deg": np.zeros((n, 3)), "origins_px": np.zeros((n, 2), np.float32),
+                   "score": np.zeros(n, np.float32), "region": np.zeros(n, int),
+                   "seconds": {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}}
+            done = 0
+            for sel, whole in ((np.flatnonzero(~wide), False), (np.flatnonzero(wide), True)):
+                if len(sel) == 0:
+                    continue
+                tick = None if progress is None else (lambda k, base=done: progress(base + k))
+                part = align_particles(_Rows(images, sel), vol_ft, cand[sel], centres, ops, **opts,
+                                       ctf_params=_subset_ctf(ctf_params, sel), exhaustive=whole, progress=tick)
+                for key in ("eulers_deg", "origins_px", "score", "region"):
+                    out[key][sel] = part[key]
+                for key, sec in part["seconds"].items():
+                    out["seconds"][key] += sec
+                done += len(sel)
+            return out
     mesh = devices.particle_mesh()  # None on one device: the single-device path, unchanged
     n_dev = devices.mesh_size(mesh)
     rep = lambda t: devices.replicate(t, mesh)
@@ -581,7 +640,8 @@ def align_particles(
         del parts
         lap("project", table, powers_t)
         if table_cache is not None:
-            table_cache.clear()  # one table at a time
+            while len(table_cache) >= 2:  # the two latest tables (a run's restricted and whole-unit ones)
+                table_cache.pop(next(iter(table_cache)))
             table_cache[cache_key] = (vol_in, table, powers_t)  # holding vol_in keeps its id unique
 
     # (2) particle features, block by block (a block's features take ≤ a quarter of the budget)
