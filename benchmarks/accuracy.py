@@ -228,6 +228,11 @@ def write_deepalign_config(path: Path, sym: str, quick: bool) -> dict:
     return cfg
 
 
+def _whole_fraction(summary: dict) -> float | None:
+    n = summary.get("n_particles")
+    return summary["whole_unit_particles"] / n if n and "whole_unit_particles" in summary else None
+
+
 def run_deepalign(case_dir: Path, sym: str, quick: bool) -> dict:
     cfg_path = case_dir / "deepalign.yaml"
     cfg = write_deepalign_config(cfg_path, sym, quick)
@@ -261,6 +266,8 @@ def run_deepalign(case_dir: Path, sym: str, quick: bool) -> dict:
         "stage_seconds": seconds,
         "report": {k: report.get(k) for k in ("predict", "align", "reconstruct", "n_regions")},
         "mean_regions_kept": json.loads((p / "align" / "summary.json").read_text()).get("mean_candidate_regions"),
+        # particles whose kept regions cost as much as the asymmetric unit, searched over it whole
+        "whole_unit_fraction": _whole_fraction(json.loads((p / "align" / "summary.json").read_text())),
         "wall_s": {
             "deepalign": shared + seconds["train"] + seconds["predict"] + seconds["align"] + seconds["reconstruct"],
             "exhaustive": shared + seconds["align_exhaustive"] + seconds["reconstruct_exhaustive"],
@@ -390,6 +397,7 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
         methods["deepalign"]["top2_hit_rate"] = hit.get("2", hit.get(2))
         methods["deepalign"]["top1_hit_rate"] = hit.get("1", hit.get(1))
         methods["deepalign"]["mean_regions_kept"] = da["mean_regions_kept"]
+        methods["deepalign"]["whole_unit_fraction"] = da["whole_unit_fraction"]
         methods["deepalign"]["n_regions"] = da["report"].get("n_regions")
     res["load_mid"] = load_average()
     if not args.skip_relion:
@@ -428,7 +436,9 @@ def markdown(results: list[dict], relion_mode: str) -> str:
         for m, s in res["methods"].items():
             label = LABELS[m] + (f" ({rl}, {res['relion'].get('iterations')} it.)" if m == "relion" else "")
             if m == "deepalign" and s.get("mean_regions_kept") is not None:
-                label += f": {s['mean_regions_kept']:.1f} of {s.get('n_regions') or '?'} regions searched"
+                label += f": {s['mean_regions_kept']:.1f} of {s.get('n_regions') or '?'} regions kept"
+                if s.get("whole_unit_fraction"):
+                    label += f", {100 * s['whole_unit_fraction']:.0f} % of particles searched over the whole unit"
             hit = f"{s['top2_hit_rate']:.3f}" if s.get("top2_hit_rate") is not None else "—"
             own = f"{s['fsc05_own_ang']:.1f} (Nyq {s['own_map_nyquist_ang']:.1f})" if "fsc05_own_ang" in s else "—"
             if m == "relion" and relion_mode != "auto" and "fsc05_own_ang" in s:

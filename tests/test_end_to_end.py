@@ -79,3 +79,21 @@ def test_consensus_subset_is_more_accurate_and_maps_are_written(pipeline):
     for png in ("label/regions.png", "train/curves.png", "predict/top1_prob.png", "align/scores.png", "align/angles.png",
                 "reconstruct/aligned/fsc.png", "consensus/differences.png", "report/errors.png"):
         assert (p / png).stat().st_size > 1000, png
+
+
+def test_flat_cumulative_rule_warns_and_align_searches_those_particles_whole(pipeline, tmp_path):
+    """A cumulative-probability rule that keeps most regions says the nets are not sure: predict
+    warns, and align searches the particles whose kept regions cost as much as the asymmetric
+    unit over the whole unit (same result as --exhaustive for them)."""
+    import shutil
+
+    p = tmp_path / "P"
+    shutil.copytree(pipeline[0], p)
+    cfg = pipeline[0].parent / "e2e.yaml"
+    sharp = run_deepalign("predict", p, "--config", cfg, "--cumulative-p", "0.3", "--force", check=True)
+    assert "flat probabilities" not in sharp.stderr
+    flat = run_deepalign("predict", p, "--config", cfg, "--cumulative-p", "0.9999", "--force", check=True)
+    assert "warning: flat probabilities: --cumulative-p 0.9999 keeps" in " ".join(flat.stderr.split())
+    run_deepalign("align", p, "--config", cfg, "--force", check=True)
+    summary = json.loads((p / "align" / "summary.json").read_text())
+    assert summary["mean_candidate_regions"] > 3 and summary["whole_unit_particles"] > 0.5 * summary["n_particles"]

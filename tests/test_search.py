@@ -206,6 +206,12 @@ def test_particles_whose_candidates_cover_the_unit_are_searched_whole(vol_ft):
     # a region listed twice counts once; a whole-sphere margin makes even one region "wide"
     assert not search.wide_candidate_particles(np.array([[20, 20, 20]]), 1, lattice, CENTRES, C1, 5.0)[0]
     assert search.wide_candidate_particles(np.array([[20]]), 1, lattice, CENTRES, C1, 180.0)[0]
+    # cost counts padded reference rows: at 7.5° with align's 11.55° margin, 20 of 42 regions hold
+    # ~90 % of the unit's directions, but their 48 psi each padded to 512-row chunks cost more
+    twenty = np.arange(20)[None]
+    fine = search.sphere_lattice(7.5)
+    assert not search.wide_candidate_particles(twenty, 1, fine, CENTRES, C1, 11.55)[0]
+    assert search.wide_candidate_particles(twenty, 1, fine, CENTRES, C1, 11.55, n_psi=48, row_chunk=512)[0]
 
     images, _, _, params = _particles(vol_ft, seed=8, n=4, region=20, snr=1.0)
     seen = []
@@ -218,4 +224,5 @@ def test_particles_whose_candidates_cover_the_unit_are_searched_whole(vol_ft):
         np.testing.assert_allclose(mixed[key][:2], narrow[key], atol=1e-4)
         np.testing.assert_allclose(mixed[key][2:], whole[key], atol=1e-4)
     assert seen == sorted(seen) and seen[-1] == 4
+    assert mixed["whole_unit"].tolist() == [False, False, True, True] and not narrow["whole_unit"].any() and whole["whole_unit"].all()
     assert mixed["seconds"]["project"] > 0

@@ -52,7 +52,7 @@ import typer
 from .. import plots
 from ..config import PreprocessConfig, RegionConfig
 from ..core import gallery, preprocess, projector, regions
-from ..core.search import align_particles, wide_candidate_particles
+from ..core.search import align_particles
 from ..errors import DeepAlignError
 from ..io import mrc, star
 from ..io.atomic import atomic_write, staged_dir, write_text_atomic
@@ -67,7 +67,7 @@ REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after 
 SHARDS = "shards"
 PARTIAL = ".partial"
 DIGEST_CHARS = 16  # partial-results folder name: this many hex digits of the settings digest
-RESULT_ARRAYS = ("local", "eulers_deg", "origins_px", "score", "region")
+RESULT_ARRAYS = ("local", "eulers_deg", "origins_px", "score", "region", "whole_unit")
 PREDICTIONS_COLUMN = "rlnDeepAlignRegions"
 TOP1_COLUMN = "rlnDeepAlignRegion1"
 
@@ -219,7 +219,7 @@ def chunk_file(partial_dir: Path, k: int) -> Path:
 def save_chunk(partial_dir: Path, k: int, local: np.ndarray, out: dict) -> None:
     """One finished chunk (its row positions and results), written atomically."""
     with atomic_write(chunk_file(partial_dir, k)) as tmp:
-        np.savez(tmp, local=local, eulers_deg=out["eulers_deg"], origins_px=out["origins_px"], score=out["score"], region=out["region"])
+        np.savez(tmp, local=local, **{k: out[k] for k in RESULT_ARRAYS[1:]})
 
 
 def load_chunk(partial_dir: Path, k: int, local: np.ndarray) -> dict | None:
@@ -321,7 +321,7 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
         order = np.lexsort(np.sort(cand_mat, axis=1).T[::-1]) if cand_mat is not None else np.arange(len(rows))
         n = len(rows)
         eulers, origins_px = np.zeros((n, 3)), np.zeros((n, 2))
-        score, region = np.zeros(n), np.zeros(n, int)
+        score, region, whole = np.zeros(n), np.zeros(n, int), np.zeros(n, bool)
         chunk = source.chunk_size(al.memory_budget_gb)
         digest = settings_digest(
             mode, al, pre, box, pixel, round(resolution, 6), step, psi, margin, chunk,
@@ -358,17 +358,16 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
                     reused += 1
                     bar.update(task, completed=start + len(local))
                 eulers[local], origins_px[local] = out["eulers_deg"], out["origins_px"]
-                score[local], region[local] = out["score"], out["region"]
+                score[local], region[local], whole[local] = out["score"], out["region"], out["whole_unit"]
         if resume:
             console.print(f"resume: {reused} of {len(starts)} chunks reused from {partial_dir.relative_to(proj.root)}"
                           + ("" if reused else " (none saved with these settings; started from the first chunk)"))
     aligned = with_alignment(table, rows, eulers, origins_px * pixel, score, region)
-    # particles whose candidate galleries hold the whole asymmetric unit were searched over it
-    whole_unit = 0 if cand_mat is None else int(wide_candidate_particles(
-        cand_mat, n, gallery.sphere_lattice(step), centres, ops, margin).sum())
+    # restricted: particles whose candidate galleries cost more than the asymmetric unit were searched over it
+    whole_unit = 0 if cand_mat is None else int(whole.sum())
     if whole_unit:
         console.print(f"{whole_unit} of {n} particles searched over the whole asymmetric unit: their candidate regions "
-                      f"with {margin:.1f}° margins hold more directions than it")
+                      f"with {margin:.1f}° margins hold as many references")
     summary = {"mode": mode, "n_particles": n, "seconds": round(t.seconds, 3), "particles_per_s": round(n / max(t.seconds, 1e-9), 3),
                "reference": ref_desc, "working_box_px": box, "working_pixel_ang": pixel, "lowpass_resolution_ang": round(resolution, 3),
                "angular_step_deg": round(step, 4), "psi_step_deg": round(psi, 4), "margin_deg": round(margin, 4),

@@ -34,6 +34,8 @@ from ..regionspec import format_regions
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
 from .train import n_regions_of
 
+FLAT_FRACTION = 0.25  # a cumulative rule keeping more than this share of the regions: the nets say little
+
 
 def load_models(train_dir: Path, n_regions: int) -> dict:
     have = set(ckpt.existing_regions(train_dir))
@@ -110,3 +112,8 @@ def command(
     mean_k = np.mean([len(k) for k in keep])
     console.print(f"[green]predicted[/green] {n} particles × {len(trained)} regions in {t.seconds:.1f} s ({rate:,.0f} particle·region/s); "
                   f"{mean_k:.2f} regions kept per particle → {pdir}/predictions.star")
+    if pc.cumulative_p is not None and mean_k > FLAT_FRACTION * len(trained):
+        console.print(f"[yellow]warning:[/yellow] flat probabilities: --cumulative-p {pc.cumulative_p} keeps {mean_k:.1f} of "
+                      f"{len(trained)} regions per particle, so align's search is barely narrowed (particles whose regions "
+                      "cost as much as the asymmetric unit are searched over all of it). More labelled particles or "
+                      "training sharpen the nets; `align --exhaustive` skips them.", highlight=False)

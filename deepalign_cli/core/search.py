@@ -452,19 +452,28 @@ def _search_groups(n: int, candidate_regions, exhaustive: bool, lattice, centres
     return [np.flatnonzero(m) for m in masks], [np.flatnonzero((cand == r).any(axis=1)) for r in used]
 
 
-def wide_candidate_particles(candidate_regions, n: int, lattice, centres, ops, margin_deg: float) -> np.ndarray:
-    """(n,) bool: the particles whose candidate galleries (regions plus margins, summed) hold at
-    least as many directions as the whole asymmetric unit. Searching the asymmetric unit is then
-    no more work and covers every candidate direction (e.g. a cumulative-probability rule that
-    keeps many regions, or a coarse step whose margin is wide against the regions)."""
+def wide_candidate_particles(candidate_regions, n: int, lattice, centres, ops, margin_deg: float,
+                             n_psi: int = 1, row_chunk: int = 1) -> np.ndarray:
+    """(n,) bool: the particles whose candidate galleries (regions plus margins) cost at least as
+    much as the whole asymmetric unit. Searching the asymmetric unit is then no more work and
+    covers every candidate direction (e.g. a cumulative-probability rule that keeps many regions,
+    or a coarse step whose margin is wide against the regions).
+
+    Cost = reference rows scored: directions × n_psi, each gallery padded to whole chunks of
+    row_chunk rows (what the coarse search computes; 1 = directions alone)."""
     cand = np.asarray(candidate_regions, int).reshape(n, -1)
     r = len(centres)
-    sizes = region_gallery_masks(lattice, centres, ops, range(r), margin_deg).sum(axis=1)
-    whole = len(region_gallery_indices(lattice, centres, ops, range(r), 0.0))
+    rows = region_gallery_masks(lattice, centres, ops, range(r), margin_deg).sum(axis=1) * n_psi
+    whole = len(region_gallery_indices(lattice, centres, ops, range(r), 0.0)) * n_psi
+
+    def padded(m, cap):
+        chunk = max(1, min(row_chunk, cap))
+        return -(-m // chunk) * chunk
+
     member = np.zeros((n, r), bool)  # each region counted once per particle; -1 (no region) ignored
-    rows, cols = np.nonzero((cand >= 0) & (cand < r))
-    member[rows, cand[rows, cols]] = True
-    return member.astype(np.int64) @ sizes >= whole
+    ii, jj = np.nonzero((cand >= 0) & (cand < r))
+    member[ii, cand[ii, jj]] = True
+    return member.astype(np.int64) @ padded(rows, int(rows.max())) >= padded(whole, whole)
 
 
 class _Rows:
@@ -530,7 +539,8 @@ def align_particles(
         it is projected once per run instead of once per call. With a cache the restricted table
         holds every region (its layout must not depend on a chunk's particles).
     Returns dict of numpy arrays: eulers_deg (n, 3) RELION rot/tilt/psi, origins_px (n, 2) RELION
-    (OriginX, OriginY) in px, score (n,) NCC, region (n,) region of the found direction; and
+    (OriginX, OriginY) in px, score (n,) NCC, region (n,) region of the found direction,
+    whole_unit (n,) bool searched over the whole asymmetric unit; and
     "seconds": {"project", "features", "coarse", "refine"} wall time of each step (the reference
     projection is a one-time cost per call; the others grow with the number of particles).
 
@@ -542,8 +552,11 @@ def align_particles(
     its groups; (4) the coarse poses are refined in fixed-size chunks.
     """
     n, box = len(images), vol_ft.box
-    if not exhaustive:  # particles whose candidates cover more than the asymmetric unit: search it whole
-        wide = wide_candidate_particles(candidate_regions, n, sphere_lattice(angular_step_deg), centres, ops, margin_deg)
+    if not exhaustive:  # particles whose candidates cost more than the asymmetric unit: search it whole
+        n_coeffs = int(fourier_band(box, pixel_size_ang, lowpass_resolution_ang).flat_index.shape[0])
+        row_chunk = chunk_sizes(box, n_coeffs, len(shift_disc(max_shift_px)), MAX_REF_CHUNK, memory_budget_gb)[1]
+        wide = wide_candidate_particles(candidate_regions, n, sphere_lattice(angular_step_deg), centres, ops, margin_deg,
+                                        len(psi_angles(psi_step_deg)), row_chunk)
         if wide.any():
             cand = np.asarray(candidate_regions, int).reshape(n, -1)
             opts = dict(pixel_size_ang=pixel_size_ang, angular_step_deg=angular_step_deg, psi_step_deg=psi_step_deg,
@@ -551,7 +564,7 @@ def align_particles(
                         lowpass_resolution_ang=lowpass_resolution_ang, memory_budget_gb=memory_budget_gb, table_cache=table_cache)
             out = {"eulers_deg": np.zeros((n, 3)), "origins_px": np.zeros((n, 2), np.float32),
                    "score": np.zeros(n, np.float32), "region": np.zeros(n, int),
-                   "seconds": {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}}
+                   "seconds": {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}, "whole_unit": wide}
             done = 0
             for sel, whole in ((np.flatnonzero(~wide), False), (np.flatnonzero(wide), True)):
                 if len(sel) == 0:
@@ -753,5 +766,6 @@ def align_particles(
         "origins_px": origins,
         "score": scores,
         "region": region,
+        "whole_unit": np.full(n, bool(exhaustive)),
         "seconds": clock,
     }
