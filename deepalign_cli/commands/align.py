@@ -219,7 +219,7 @@ def chunk_file(partial_dir: Path, k: int) -> Path:
 def save_chunk(partial_dir: Path, k: int, local: np.ndarray, out: dict) -> None:
     """One finished chunk (its row positions and results), written atomically."""
     with atomic_write(chunk_file(partial_dir, k)) as tmp:
-        np.savez(tmp, local=local, **{k: out[k] for k in RESULT_ARRAYS[1:]})
+        np.savez(tmp, local=local, **{name: out[name] for name in RESULT_ARRAYS[1:]})
 
 
 def load_chunk(partial_dir: Path, k: int, local: np.ndarray) -> dict | None:
