@@ -260,14 +260,15 @@ def run_deepalign(case_dir: Path, sym: str, quick: bool) -> dict:
         seconds[name] = run_timed([*da, *args], case_dir, log_path)
         log(f"  deepalign {name}: {seconds[name]:.1f} s")
     report = json.loads((p / "report" / "report.json").read_text())
+    align_summary = json.loads((p / "align" / "summary.json").read_text())
     shared = seconds["init"] + seconds["label"] + seconds["reference"]
     return {
         "config": cfg,
         "stage_seconds": seconds,
         "report": {k: report.get(k) for k in ("predict", "align", "reconstruct", "n_regions")},
-        "mean_regions_kept": json.loads((p / "align" / "summary.json").read_text()).get("mean_candidate_regions"),
+        "mean_regions_kept": align_summary.get("mean_candidate_regions"),
         # particles whose kept regions cost as much as the asymmetric unit, searched over it whole
-        "whole_unit_fraction": _whole_fraction(json.loads((p / "align" / "summary.json").read_text())),
+        "whole_unit_fraction": _whole_fraction(align_summary),
         "wall_s": {
             "deepalign": shared + seconds["train"] + seconds["predict"] + seconds["align"] + seconds["reconstruct"],
             "exhaustive": shared + seconds["align_exhaustive"] + seconds["reconstruct_exhaustive"],
