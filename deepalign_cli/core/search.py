@@ -495,6 +495,29 @@ def _subset_ctf(ctf_params: Mapping | None, idx: np.ndarray) -> Mapping | None:
     return {k: (np.asarray(v)[idx] if np.ndim(v) else v) for k, v in ctf_params.items()}
 
 
+def _align_split(images, vol_ft, candidate_regions, centres, ops, wide, *, ctf_params, progress, **opts) -> dict:
+    """align_particles with the `wide` particles searched over the whole asymmetric unit and the
+    others inside their candidate regions; results merged in the input order."""
+    n = len(images)
+    cand = np.asarray(candidate_regions, int).reshape(n, -1)
+    out = {"eulers_deg": np.zeros((n, 3)), "origins_px": np.zeros((n, 2), np.float32), "score": np.zeros(n, np.float32),
+           "region": np.zeros(n, int), "whole_unit": wide,
+           "seconds": {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}}
+    done = 0
+    for sel, whole in ((np.flatnonzero(~wide), False), (np.flatnonzero(wide), True)):
+        if len(sel) == 0:
+            continue
+        tick = None if progress is None else (lambda k, base=done: progress(base + k))
+        part = align_particles(_Rows(images, sel), vol_ft, cand[sel], centres, ops, **opts,
+                               ctf_params=_subset_ctf(ctf_params, sel), exhaustive=whole, progress=tick)
+        for key in ("eulers_deg", "origins_px", "score", "region"):
+            out[key][sel] = part[key]
+        for key, sec in part["seconds"].items():
+            out["seconds"][key] += sec
+        done += len(sel)
+    return out
+
+
 def align_particles(
     images,
     vol_ft: VolumeFT,
@@ -522,8 +545,8 @@ def align_particles(
     candidate_regions: (n, k) int region indices per particle (e.g. predict's top-k); ignored when
         exhaustive. Every candidate region is one search group: its references are shared by all
         the particles that list it, and a particle keeps the best pose over its k regions. A
-        particle whose candidate galleries hold at least the asymmetric unit is searched over the
-        asymmetric unit instead (``wide_candidate_particles``): a superset, for no more work.
+        particle whose candidate galleries cost at least as much as the asymmetric unit is searched
+        over the asymmetric unit instead (``wide_candidate_particles``): a superset, for no more work.
     centres: (R, 3) region centres.  ops: (G, 3, 3) symmetry operators.
     pixel_size_ang: Å/px.  angular_step_deg: gallery direction step.  psi_step_deg: in-plane step.
     margin_deg: gallery extends this far past the region borders.  max_shift_px: |origin| bound.
@@ -558,26 +581,11 @@ def align_particles(
         wide = wide_candidate_particles(candidate_regions, n, sphere_lattice(angular_step_deg), centres, ops, margin_deg,
                                         len(psi_angles(psi_step_deg)), row_chunk)
         if wide.any():
-            cand = np.asarray(candidate_regions, int).reshape(n, -1)
-            opts = dict(pixel_size_ang=pixel_size_ang, angular_step_deg=angular_step_deg, psi_step_deg=psi_step_deg,
-                        margin_deg=margin_deg, max_shift_px=max_shift_px, refine=refine,
-                        lowpass_resolution_ang=lowpass_resolution_ang, memory_budget_gb=memory_budget_gb, table_cache=table_cache)
-            out = {"eulers_deg": np.zeros((n, 3)), "origins_px": np.zeros((n, 2), np.float32),
-                   "score": np.zeros(n, np.float32), "region": np.zeros(n, int),
-                   "seconds": {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}, "whole_unit": wide}
-            done = 0
-            for sel, whole in ((np.flatnonzero(~wide), False), (np.flatnonzero(wide), True)):
-                if len(sel) == 0:
-                    continue
-                tick = None if progress is None else (lambda k, base=done: progress(base + k))
-                part = align_particles(_Rows(images, sel), vol_ft, cand[sel], centres, ops, **opts,
-                                       ctf_params=_subset_ctf(ctf_params, sel), exhaustive=whole, progress=tick)
-                for key in ("eulers_deg", "origins_px", "score", "region"):
-                    out[key][sel] = part[key]
-                for key, sec in part["seconds"].items():
-                    out["seconds"][key] += sec
-                done += len(sel)
-            return out
+            return _align_split(images, vol_ft, candidate_regions, centres, ops, wide, ctf_params=ctf_params, progress=progress,
+                                pixel_size_ang=pixel_size_ang, angular_step_deg=angular_step_deg, psi_step_deg=psi_step_deg,
+                                margin_deg=margin_deg, max_shift_px=max_shift_px, refine=refine,
+                                lowpass_resolution_ang=lowpass_resolution_ang, memory_budget_gb=memory_budget_gb,
+                                table_cache=table_cache)
     mesh = devices.particle_mesh()  # None on one device: the single-device path, unchanged
     n_dev = devices.mesh_size(mesh)
     rep = lambda t: devices.replicate(t, mesh)
