@@ -5,3 +5,7 @@ A JAX reimplementation of DeepAlign (Jiménez-Moreno et al., J. Struct. Biol. 20
 """
 
 __version__ = "0.1.0"
+
+from . import xla_cpu as _xla_cpu
+
+_xla_cpu.configure()  # before any JAX computation: XLA reads XLA_FLAGS once, at backend start

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 from scipy.signal import correlate2d
@@ -12,18 +13,83 @@ from deepalign_cli.core import augment, cnn
 
 @pytest.mark.parametrize("impl", ["fft", "patches"])
 @pytest.mark.parametrize("k", [10, 6, 4, 3])
-def test_fast_convs_equal_direct_conv_values_and_gradients(k, impl):
+@pytest.mark.parametrize("cin,cout", [(3, 5), (1, 4), (1, 3)])  # (1, even): the paired-output FFT path
+def test_fast_convs_equal_direct_conv_values_and_gradients(k, impl, cin, cout):
     kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (2, 30, 30, 3))
-    w = jax.random.normal(kw, (k, k, 3, 5)) / k
+    x = jax.random.normal(kx, (2, 30, 30, cin))
+    w = jax.random.normal(kw, (k, k, cin, cout)) / k
     conv = cnn._CONVS[impl]
     direct, fast = cnn.conv2d_direct(x, w), conv(x, w)
-    assert fast.shape == direct.shape == (2, 30, 30, 5)
+    assert fast.shape == direct.shape == (2, 30, 30, cout)
     assert float(jnp.max(jnp.abs(fast - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
     for arg in (0, 1):  # gradients with respect to the input and to the kernel
         g_direct = jax.grad(lambda x, w: jnp.sum(cnn.conv2d_direct(x, w) ** 2), argnums=arg)(x, w)
         g_fast = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=arg)(x, w)
         assert float(jnp.max(jnp.abs(g_fast - g_direct))) < 1e-4 * float(jnp.max(jnp.abs(g_direct)))
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 10, 4), (2, 7, 9, 3)])  # even and odd (last row/column dropped)
+def test_max_pool2_equals_flax_max_pool_values_and_gradient(shape):
+    x = jax.random.normal(jax.random.key(1), shape)
+    ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(cnn.max_pool2(x)), np.asarray(ref(x)))
+    r = jax.random.normal(jax.random.key(2), ref(x).shape)
+    g, g_ref = (jax.grad(lambda x, f=f: jnp.sum(f(x) * r))(x) for f in (cnn.max_pool2, ref))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)
+
+
+class _FlaxBatchNormReluPool(nn.Module):
+    """The unfused reference: Flax BatchNorm → ReLU → 2×2 max-pool."""
+
+    @nn.compact
+    def __call__(self, x, use_running_average):
+        x = nn.BatchNorm(use_running_average=use_running_average, momentum=cnn.BATCH_NORM_MOMENTUM,
+                         epsilon=cnn.BATCH_NORM_EPSILON, name="bn")(x)
+        return nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="VALID")
+
+
+def test_fused_batch_norm_relu_pool_equals_flax_batch_norm_then_relu_then_pool():
+    """Same outputs, gradients (input, scale, bias) and running statistics as the unfused layers,
+    in train and eval mode, with negative scales (where the pool must take the window minimum)."""
+    x = jax.random.normal(jax.random.key(3), (4, 10, 12, 6)) * 2.0 + 0.5
+    scale = jnp.array([1.5, -0.7, 0.3, -2.0, 1.0, -0.05])  # at exactly 0 the scale gradient is a tie
+    bias = jnp.array([0.1, 0.4, -0.2, 0.3, -1.0, 0.5])
+    stats = {"mean": jnp.linspace(-0.3, 0.3, 6), "var": jnp.linspace(0.5, 2.0, 6)}
+    fused, ref = cnn.BatchNormReluPool(), _FlaxBatchNormReluPool()
+    params = {"scale": scale, "bias": bias}
+
+    def run(module, wrap, p, x, eval_mode):
+        v = {"params": wrap(p), "batch_stats": wrap(stats)}
+        out, upd = module.apply(v, x, eval_mode, mutable=["batch_stats"])
+        return out, upd["batch_stats"]
+
+    unwrap = lambda v: v["bn"]  # noqa: E731
+    for eval_mode in (False, True):
+        out_f, st_f = run(fused, lambda d: d, params, x, eval_mode)
+        out_r, st_r = run(ref, lambda d: {"bn": d}, params, x, eval_mode)
+        if not eval_mode:
+            train_stats = st_f
+        np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_r), rtol=1e-5, atol=1e-5)
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(np.asarray(st_f[key]), np.asarray(unwrap(st_r)[key]), rtol=1e-5, atol=1e-6)
+        r = jax.random.normal(jax.random.key(4), out_f.shape)
+        loss_f = lambda p, x: jnp.sum(run(fused, lambda d: d, p, x, eval_mode)[0] * r)  # noqa: E731
+        loss_r = lambda p, x: jnp.sum(run(ref, lambda d: {"bn": d}, p, x, eval_mode)[0] * r)  # noqa: E731
+        (gp_f, gx_f), (gp_r, gx_r) = jax.grad(loss_f, (0, 1))(params, x), jax.grad(loss_r, (0, 1))(params, x)
+        np.testing.assert_allclose(np.asarray(gx_f), np.asarray(gx_r), rtol=1e-4, atol=1e-5)
+        for key in ("scale", "bias"):
+            np.testing.assert_allclose(np.asarray(gp_f[key]), np.asarray(gp_r[key]), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(train_stats["mean"]), np.asarray(stats["mean"]))  # train mode updated them
+    np.testing.assert_array_equal(np.asarray(st_f["mean"]), np.asarray(stats["mean"]))  # eval mode did not
+
+
+def test_network_variables_keep_flax_batch_norm_names():
+    """Checkpoints written before the fused block load unchanged: same variable tree."""
+    model = cnn.build_model(cnn.architecture(TrainConfig(), 32), "direct")
+    v = cnn.init_variables(jax.random.key(0), model, 32)
+    assert sorted(v["batch_stats"]) == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2"]
+    assert sorted(v["params"]["BatchNorm_1"]) == ["bias", "scale"]
+    assert sorted(v["batch_stats"]["BatchNorm_2"]) == ["mean", "var"]
 
 
 def test_same_padding_matches_keras_convention_for_even_kernels():
@@ -44,6 +110,7 @@ def test_kernel_sizes_follow_paper_figure_1():
 def test_auto_uses_fft_only_for_large_kernels_on_cpu():
     assert cnn.conv_impls_for((40, 12, 6), "auto", "cpu") == ("fft", "fft", "direct")
     assert cnn.conv_impls_for((21, 6, 3), "auto", "cpu") == ("fft", "direct", "direct")
+    assert cnn.conv_impls_for((10, 3, 3), "auto", "cpu") == ("direct",) * 3
     assert cnn.conv_impls_for((40, 12, 6), "auto", "gpu") == ("direct",) * 3
 
 

@@ -54,17 +54,19 @@ GROUP_NORM_GROUPS = 8
 MIN_KERNEL_PX = 3
 POOL_PX = 2
 # `conv_impl="auto"` on CPU: FFT for every layer whose kernel is at least this wide. Measured
-# (training step, batch 128, XLA:CPU, 2 shared cores, image-steps/s direct/direct/direct →
-# fft/direct/direct → fft/fft/direct → fft/fft/fft): 64 px (kernels 21, 6, 3): 206 → 333 → 318 →
-# 264; 120 px (kernels 40, 12, 6): 20 → 37 → 52 → 49. FFT pays from kernel ~10 upwards; for the
-# small last kernels the FFT's fixed cost (Cin + Cout transforms) is larger than the direct MACs.
+# 2026-11-26 (training step, batch 128, XLA:CPU with deepalign's XLA flags (`xla_cpu.py`),
+# 2-core machine, image-steps/s): 120 px (kernels 40, 12, 6) fft/direct/direct 92,
+# fft/fft/direct 117, fft/fft/fft 111; 64 px (21, 6, 3) fft/direct/direct 585, fft/fft/direct 567,
+# direct ×3 418; 32 px (10, 3, 3) fft/direct/direct 2,527–2,836 vs direct ×3 3,537–3,671;
+# 24 px (8, 3, 3) equal within noise. FFT pays from kernel ~12 upwards; below, its fixed cost
+# (Cin + Cout transforms) is larger than the direct MACs.
 # "patches" (im2col + one GEMM, `conv2d_patches`) was measured slower on the same machine
 # (2026-11-25, idle, image-steps/s): 64 px fft/direct/direct 355 vs fft/patches/direct 238 and
 # fft/patches/patches 209; 120 px fft/fft/direct 64 vs fft/patches/direct 17 and fft/fft/patches
 # 69 (equal within noise): the patch tensor (k² × the activations) costs more memory traffic than
 # XLA's convolution loses, so "auto" never picks it; it stays selectable (`conv_impl: patches`).
 # Re-measure with `benchmarks/train_predict.py --conv-sweep`.
-FFT_MIN_KERNEL_CPU = 8
+FFT_MIN_KERNEL_CPU = 12
 # On GPU the cuDNN direct convolution wins for all of the paper's kernels at these box sizes.
 FFT_MIN_KERNEL_ACCEL = 10**9
 _FFT_PRIMES = (2, 3, 5, 7)
@@ -126,15 +128,31 @@ def conv2d_fft(x: jax.Array, w: jax.Array) -> jax.Array:
     kh, kw = w.shape[:2]
     (_, hi_y), (_, hi_x) = _same_pads(kh), _same_pads(kw)
     ly, lx = _fft_len(h + hi_y), _fft_len(wd + hi_x)
-    xf = jnp.fft.rfft2(x, s=(ly, lx), axes=(1, 2))
-    wf = jnp.fft.rfft2(w[::-1, ::-1], s=(ly, lx), axes=(0, 1))
-    if x.shape[-1] == 1:
-        yf = xf * wf[..., 0, :]
-    else:
-        yf = jnp.einsum("byxc,yxcd->byxd", xf, wf)
-    y = jnp.fft.irfft2(yf, s=(ly, lx), axes=(1, 2))
+    # The transforms run channels-first: XLA:CPU's FFT over the two inner (contiguous) axes is
+    # ~2× faster than over the middle axes of an NHWC array (75×75 inverse transforms of
+    # 128 × 16 planes: 36 vs 67 ms); only the input and the output are transposed.
     oy, ox = kh - 1 - (kh - 1) // 2, kw - 1 - (kw - 1) // 2
-    return y[:, oy : oy + h, ox : ox + wd, :]
+    cin, cout = w.shape[2], w.shape[3]
+    if cin == 1 and cout % 2 == 0:
+        # Two real outputs per complex inverse transform: with Z = X·(W_c + i·W_c'), the real
+        # part of ifft2(Z) is output channel c and the imaginary part channel c'. XLA:CPU runs
+        # half as many complex inverse transforms ~1.8× faster than the real (c2r) ones
+        # (75×75, 128 images × 16 channels: 20 vs 36 ms), and the backward pass is likewise
+        # complex forward transforms of half as many planes.
+        half = cout // 2
+        xf = jnp.fft.fft2(x[..., 0].astype(jnp.complex64), s=(ly, lx), axes=(1, 2))  # (B, ly, lx)
+        wr = w[::-1, ::-1, 0, :]
+        wf = jnp.fft.fft2((wr[..., :half] + 1j * wr[..., half:]).transpose(2, 0, 1), s=(ly, lx), axes=(1, 2))
+        z = jnp.fft.ifft2(xf[:, None] * wf[None], axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
+        return jnp.concatenate([z.real, z.imag], axis=1).transpose(0, 2, 3, 1)
+    xf = jnp.fft.rfft2(x.transpose(0, 3, 1, 2), s=(ly, lx), axes=(2, 3))  # (B, Cin, ly, lx//2+1)
+    wf = jnp.fft.rfft2(w[::-1, ::-1].transpose(2, 3, 0, 1), s=(ly, lx), axes=(2, 3))  # (Cin, Cout, ...)
+    if x.shape[-1] == 1:
+        yf = xf * wf[0][None]
+    else:
+        yf = jnp.einsum("bcyx,cdyx->bdyx", xf, wf)
+    y = jnp.fft.irfft2(yf, s=(ly, lx), axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
+    return y.transpose(0, 2, 3, 1)
 
 
 def conv2d_patches(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -172,6 +190,55 @@ class Conv(nn.Module):
         return _CONVS[self.impl](x, w) + b
 
 
+def max_pool2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, 'valid' (an odd last row/column is dropped), as a reshape + max.
+
+    Equals ``nn.max_pool(x, (2, 2), (2, 2), "VALID")``; measured on XLA:CPU (batch 128, forward +
+    backward) 2–7× faster than its ``reduce_window`` / select-and-scatter form (64 px, 16 channels:
+    42 vs 82 ms; 16 px, 64 channels: 2.7 vs 18.7 ms). x: (B, H, W, C) → (B, H//2, W//2, C)."""
+    b, h, w, c = x.shape
+    h2, w2 = h // POOL_PX, w // POOL_PX
+    x = x[:, : h2 * POOL_PX, : w2 * POOL_PX]
+    return x.reshape(b, h2, POOL_PX, w2, POOL_PX, c).max(axis=(2, 4))
+
+
+class BatchNormReluPool(nn.Module):
+    """``max_pool2(relu(BatchNorm(x)))`` with the normalisation applied after the pool.
+
+    Batch normalisation is, per channel, y = a·x + b with a = scale / sqrt(var + eps); with ReLU
+    it is monotone in x (increasing for a > 0, decreasing for a < 0), so the 2×2 maximum of the
+    output is the affine map of the window's maximum (a ≥ 0) or minimum (a < 0) of the input:
+    the elementwise normalisation and ReLU run on a quarter of the values, and their gradient
+    lands on the same window position. Statistics are still those of the full-resolution batch.
+    Same variables, update rule and numbers as Flax's ``nn.BatchNorm`` (fast variance
+    E[x²] − E[x]², clipped at 0; running averages not updated while initialising), so
+    checkpoints are interchangeable. Measured at 64 px (training step, batch 128, 2-core CPU,
+    jaxlib's default XLA flags): 355 → 410 image-steps/s together with `max_pool2`."""
+
+    momentum: float = BATCH_NORM_MOMENTUM
+    epsilon: float = BATCH_NORM_EPSILON
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean = x.mean(axis=(0, 1, 2))
+            var = jnp.maximum(0.0, (x * x).mean(axis=(0, 1, 2)) - mean * mean)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
+        a = scale * lax.rsqrt(var + self.epsilon)
+        sign = jnp.where(a >= 0, 1.0, -1.0)  # window max for a ≥ 0, min (= −max of −x) for a < 0
+        pooled = sign * max_pool2(x * sign)
+        return nn.relu((pooled - mean) * a + bias)
+
+
 class RegionCNN(nn.Module):
     """The paper's network. `__call__(x (B, N, N, 1), train) -> (B, n_heads)` logits.
 
@@ -188,18 +255,17 @@ class RegionCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for filters, k, impl in zip(self.conv_filters, self.kernels, self.conv_impls):
+        for i, (filters, k, impl) in enumerate(zip(self.conv_filters, self.kernels, self.conv_impls)):
             x = Conv(filters, k, impl)(x)
             if self.norm == "batch":
-                x = nn.BatchNorm(
-                    use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON
-                )(x)
-            elif self.norm == "group":
+                # Named as Flax's own BatchNorm would be, so the variable tree is the same.
+                x = BatchNormReluPool(name=f"BatchNorm_{i}")(x, use_running_average=not train)
+                continue
+            if self.norm == "group":
                 x = nn.GroupNorm(num_groups=min(GROUP_NORM_GROUPS, filters))(x)
             else:
                 x = nn.LayerNorm(reduction_axes=(-3, -2, -1))(x)
-            x = nn.relu(x)
-            x = nn.max_pool(x, (POOL_PX, POOL_PX), strides=(POOL_PX, POOL_PX), padding="VALID")
+            x = max_pool2(nn.relu(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.dense_units, kernel_init=nn.initializers.glorot_uniform())(x))
