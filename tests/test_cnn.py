@@ -15,12 +15,16 @@ from deepalign_cli.core import augment, cnn
 @pytest.mark.parametrize("k", [10, 6, 4, 3])
 @pytest.mark.parametrize("cin,cout", [(3, 5), (1, 4), (1, 3)])  # (1, even): the paired-output FFT path
 def test_fast_convs_equal_direct_conv_values_and_gradients(k, impl, cin, cout):
+    """Also the FFT's channels-first output (what the network hands to its batch normalisation)."""
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, 30, 30, cin))
     w = jax.random.normal(kw, (k, k, cin, cout)) / k
     conv = cnn._CONVS[impl]
     direct, fast = cnn.conv2d_direct(x, w), conv(x, w)
     assert fast.shape == direct.shape == (2, 30, 30, cout)
+    if impl == "fft":
+        np.testing.assert_array_equal(np.asarray(cnn.conv2d_fft(x, w, channels_first_out=True).transpose(0, 2, 3, 1)),
+                                      np.asarray(fast))
     assert float(jnp.max(jnp.abs(fast - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
     for arg in (0, 1):  # gradients with respect to the input and to the kernel
         g_direct = jax.grad(lambda x, w: jnp.sum(cnn.conv2d_direct(x, w) ** 2), argnums=arg)(x, w)
@@ -33,6 +37,8 @@ def test_max_pool2_equals_flax_max_pool_values_and_gradient(shape):
     x = jax.random.normal(jax.random.key(1), shape)
     ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # noqa: E731
     np.testing.assert_array_equal(np.asarray(cnn.max_pool2(x)), np.asarray(ref(x)))
+    chw = cnn.max_pool2(x.transpose(0, 3, 1, 2), channels_first=True).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(np.asarray(chw), np.asarray(ref(x)))
     r = jax.random.normal(jax.random.key(2), ref(x).shape)
     g, g_ref = (jax.grad(lambda x, f=f: jnp.sum(f(x) * r))(x) for f in (cnn.max_pool2, ref))
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)
@@ -48,18 +54,22 @@ class _FlaxBatchNormReluPool(nn.Module):
         return nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="VALID")
 
 
-def test_fused_batch_norm_relu_pool_equals_flax_batch_norm_then_relu_then_pool():
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_fused_batch_norm_relu_pool_equals_flax_batch_norm_then_relu_then_pool(channels_first):
     """Same outputs, gradients (input, scale, bias) and running statistics as the unfused layers,
-    in train and eval mode, with negative scales (where the pool must take the window minimum)."""
+    in train and eval mode, with negative scales (where the pool must take the window minimum);
+    channels-first input (what an FFT layer hands over) gives the same channels-last output."""
     x = jax.random.normal(jax.random.key(3), (4, 10, 12, 6)) * 2.0 + 0.5
     scale = jnp.array([1.5, -0.7, 0.3, -2.0, 1.0, -0.05])  # at exactly 0 the scale gradient is a tie
     bias = jnp.array([0.1, 0.4, -0.2, 0.3, -1.0, 0.5])
     stats = {"mean": jnp.linspace(-0.3, 0.3, 6), "var": jnp.linspace(0.5, 2.0, 6)}
-    fused, ref = cnn.BatchNormReluPool(), _FlaxBatchNormReluPool()
+    fused, ref = cnn.BatchNormReluPool(channels_first=channels_first), _FlaxBatchNormReluPool()
     params = {"scale": scale, "bias": bias}
 
     def run(module, wrap, p, x, eval_mode):
         v = {"params": wrap(p), "batch_stats": wrap(stats)}
+        if module is fused and channels_first:
+            x = x.transpose(0, 3, 1, 2)
         out, upd = module.apply(v, x, eval_mode, mutable=["batch_stats"])
         return out, upd["batch_stats"]
 
@@ -127,6 +137,21 @@ def test_paper_network_at_64px_has_expected_shapes_and_parameter_count():
     fft_model = cnn.build_model(arch, "fft")
     x = jax.random.normal(jax.random.key(1), (3, 64, 64, 1))
     np.testing.assert_allclose(fft_model.apply(variables, x), model.apply(variables, x), rtol=1e-4, atol=1e-4)
+    # train mode (batch statistics, the channels-first FFT hand-over) and the parameter gradients
+    def train_out(m, params):
+        out, upd = m.apply({**variables, "params": params}, x, train=True, rngs={"dropout": jax.random.key(2)},
+                           mutable=["batch_stats"])
+        return jnp.sum(out * jnp.arange(1.0, 4.0)[:, None]), upd["batch_stats"]
+    (l_fft, st_fft), g_fft = jax.value_and_grad(lambda p: train_out(fft_model, p), has_aux=True)(variables["params"])
+    (l_dir, st_dir), g_dir = jax.value_and_grad(lambda p: train_out(model, p), has_aux=True)(variables["params"])
+    np.testing.assert_allclose(float(l_fft), float(l_dir), rtol=1e-4)
+    for tree_fft, tree_dir in ((st_fft, st_dir), (g_fft, g_dir)):
+        leaves = list(zip(jax.tree_util.tree_leaves(tree_fft), jax.tree_util.tree_leaves(tree_dir)))
+        # scale of the whole tree: the conv biases in front of a batch norm have an exact gradient
+        # of 0, so theirs is float32 rounding noise in both models
+        scale = max(float(np.max(np.abs(b))) for _, b in leaves)
+        for a, b in leaves:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-4 * scale)
 
 
 def _small(norm):
