@@ -201,19 +201,14 @@ def max_pool2(x: jax.Array, channels_first: bool = False) -> jax.Array:
     backward) 2–7× faster than its ``reduce_window`` / select-and-scatter form (64 px, 16 channels:
     42 vs 82 ms; 16 px, 64 channels: 2.7 vs 18.7 ms). x: (B, H, W, C) → (B, H//2, W//2, C), or
     (B, C, H, W) → (B, C, H//2, W//2) when `channels_first`."""
+    p = POOL_PX
     if channels_first:
-        return _pool_chw(x)
+        b, c, h, w = x.shape
+        x = x[:, :, : h // p * p, : w // p * p]
+        return x.reshape(b, c, h // p, p, w // p, p).max(axis=(3, 5))
     b, h, w, c = x.shape
-    h2, w2 = h // POOL_PX, w // POOL_PX
-    x = x[:, : h2 * POOL_PX, : w2 * POOL_PX]
-    return x.reshape(b, h2, POOL_PX, w2, POOL_PX, c).max(axis=(2, 4))
-
-
-def _pool_chw(x: jax.Array) -> jax.Array:
-    b, c, h, w = x.shape
-    h2, w2 = h // POOL_PX, w // POOL_PX
-    x = x[:, :, : h2 * POOL_PX, : w2 * POOL_PX]
-    return x.reshape(b, c, h2, POOL_PX, w2, POOL_PX).max(axis=(3, 5))
+    x = x[:, : h // p * p, : w // p * p]
+    return x.reshape(b, h // p, p, w // p, p, c).max(axis=(2, 4))
 
 
 class BatchNormReluPool(nn.Module):
