@@ -272,8 +272,8 @@ class RegionCNN(nn.Module):
             if self.norm == "batch":
                 # An FFT layer hands its channels-first output straight to the normalisation: its
                 # statistics reduce over contiguous axes and only the pooled quarter is transposed
-                # (training step: 64 px ~620 → ~643, 120 px ~118 → ~126 image-steps/s). Named as Flax's own BatchNorm would be,
-                # so the variable tree is the same.
+                # (training step: 64 px ~620 → ~643, 120 px ~118 → ~126 image-steps/s). Named as
+                # Flax's own BatchNorm would be, so the variable tree is the same.
                 cf = impl == "fft"
                 x = Conv(filters, k, impl, channels_first_out=cf)(x)
                 x = BatchNormReluPool(channels_first=cf, name=f"BatchNorm_{i}")(x, use_running_average=not train)

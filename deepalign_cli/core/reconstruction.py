@@ -93,11 +93,9 @@ def _mirror(x):
 
 @jax.jit
 def _friedel_complete(acc):
-    """Full numerator and weight grids from the half-space accumulator: a real image's transform
-    obeys F(−k) = conj F(k) and the CTF is even, so inserting the kx < 0 half would add conj(v) at
-    −q with mirrored trilinear weights — the mirrored grid."""
-    m = round(acc.shape[0] ** (1 / 3))
-    acc = acc.reshape(m, m, m, 3)
+    """Full numerator and weight grids from the (M, M, M, 3) half-space accumulator: a real
+    image's transform obeys F(−k) = conj F(k) and the CTF is even, so inserting the kx < 0 half
+    would add conj(v) at −q with mirrored trilinear weights — the mirrored grid."""
     num, wt = lax.complex(acc[..., 0], acc[..., 1]), acc[..., 2]
     return num + jnp.conj(_mirror(num)), wt + _mirror(wt)
 
@@ -134,7 +132,7 @@ def backproject(images, eulers_deg, origins_px, ctf_params: Mapping | None = Non
         cvals = tuple(jnp.asarray(p[fill]) for p in params) if params is not None else ()
         acc = _insert(acc, jnp.asarray(imgs), jnp.asarray(rot_all[fill]), jnp.asarray(origins_all[fill]),
                       jnp.asarray(valid), cvals, pixel_size_ang, pad=pad, use_ctf=params is not None)
-    return _friedel_complete(acc)
+    return _friedel_complete(acc.reshape(m, m, m, 3))
 
 
 @partial(jax.jit, static_argnames=("box",))
