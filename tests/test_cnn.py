@@ -102,6 +102,49 @@ def test_network_variables_keep_flax_batch_norm_names():
     assert sorted(v["batch_stats"]["BatchNorm_2"]) == ["mean", "var"]
 
 
+def test_jitted_init_equals_flax_eager_init():
+    """`init_variables` compiles the init once; the values are Flax's own (same PRNG stream)."""
+    model = cnn.build_model(cnn.architecture(TrainConfig(), 24), "direct")
+    key = jax.random.key(7)
+    eager = model.init({"params": key}, jnp.zeros((1, 24, 24, 1), jnp.float32), train=False)
+    ours = cnn.init_variables(key, model, 24)
+    for a, b in zip(jax.tree_util.tree_leaves(eager["params"]), jax.tree_util.tree_leaves(ours["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = cnn.init_variables(jax.random.key(8), model, 24)
+    assert not np.array_equal(np.asarray(other["params"]["Conv_0"]["kernel"]), np.asarray(ours["params"]["Conv_0"]["kernel"]))
+
+
+def _random_bn_net(key, model, box):
+    """Variables with random batch-norm scales (some negative), means and variances."""
+    v = cnn.init_variables(key, model, box)
+    for i in range(len(model.conv_filters)):
+        k = jax.random.fold_in(key, 100 + i)
+        c = v["params"][f"BatchNorm_{i}"]["scale"].shape[0]
+        v["params"][f"BatchNorm_{i}"]["scale"] = jax.random.normal(jax.random.fold_in(k, 0), (c,))
+        v["params"][f"BatchNorm_{i}"]["bias"] = 0.3 * jax.random.normal(jax.random.fold_in(k, 1), (c,))
+        v["batch_stats"][f"BatchNorm_{i}"]["mean"] = 0.1 * jax.random.normal(jax.random.fold_in(k, 2), (c,))
+        v["batch_stats"][f"BatchNorm_{i}"]["var"] = jnp.exp(jax.random.normal(jax.random.fold_in(k, 3), (c,)))
+    return v
+
+
+@pytest.mark.parametrize("impl", ["direct", "fft", "patches"])
+def test_shared_first_block_and_tail_equal_each_nets_eval_forward(impl):
+    """Predict's fast path: G nets' first layers as one convolution, batch norm folded, then each
+    net's tail — the same logits as every net's own eval-mode forward."""
+    box, g = 24, 3
+    model = cnn.build_model(cnn.architecture(TrainConfig(), box), impl)
+    nets = [_random_bn_net(jax.random.key(r), model, box) for r in range(g)]
+    assert any(float(v["params"]["BatchNorm_0"]["scale"].min()) < 0 for v in nets)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, box, box)).astype(np.float32))
+    folded = [cnn.fold_batch_norm(v["params"], v["batch_stats"], 0) for v in nets]
+    h = cnn.shared_first_block(x, jnp.stack([f[0] for f in folded]), jnp.stack([f[1] for f in folded]), impl)
+    assert h.shape == (g, 5, box // 2, box // 2, 16)
+    for j, v in enumerate(nets):
+        ref = model.apply(v, x[..., None], train=False)
+        np.testing.assert_allclose(np.asarray(cnn.tail_eval(model, v["params"], v["batch_stats"], h[j])), np.asarray(ref),
+                                   rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
 def test_same_padding_matches_keras_convention_for_even_kernels():
     """'same' cross-correlation, extra zero row/column after the image (lo = (k-1)//2)."""
     rng = np.random.default_rng(0)

@@ -38,6 +38,13 @@ def test_validation_split_is_stratified_and_fixed_by_seed():
     assert np.intersect1d(tr, va).size == 0 and tr.size + va.size == labels.size
     tr2, va2 = training.split_train_val(jax.random.key(1), labels, 0.2)
     assert np.array_equal(va, va2)
+    assert not np.array_equal(va, training.split_train_val(jax.random.key(2), labels, 0.2)[1])
+    # a label's split depends on its own members only: dropping label 0 leaves label 3's unchanged
+    keep = np.flatnonzero(labels != 0)
+    _, va_sub = training.split_train_val(jax.random.key(1), labels[keep], 0.2)
+    assert np.array_equal(keep[va_sub][labels[keep][va_sub] == 3], va[labels[va] == 3])
+    # raw uint32 keys work too
+    assert training.split_train_val(jax.random.PRNGKey(1), labels, 0.2)[1].size == va.size
 
 
 def test_regions_trained_together_equal_each_trained_alone():
@@ -106,6 +113,18 @@ def test_predict_probs_shape_range_and_loop_equals_vmap():
     vmap = training.predict_probs(models, images[:37], batch_size=16, region_parallel="vmap")
     assert loop.shape == (37, 3) and loop.dtype == np.float32 and np.all((loop >= 0) & (loop <= 1))
     np.testing.assert_allclose(loop, vmap, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_shared_first_layer_equals_loop_with_padded_groups(monkeypatch):
+    images, labels = _data()
+    models = training.train_regions(images, labels, [0, 1, 2], TrainConfig(**{**TINY, "epochs": 1}), jax.random.key(0))
+    loop = training.predict_probs(models, images[:37], batch_size=16, region_parallel="loop")
+    box = images.shape[1]
+    # groups of two nets: the second group is padded with a repeat of its first net
+    monkeypatch.setattr(training, "_SHARED_FIRST_BYTES", 2 * 16 * 16 * (box // 2) ** 2 * 4)
+    shared = training.predict_probs(models, images[:37], batch_size=16, region_parallel="shared")
+    np.testing.assert_allclose(shared, loop, rtol=1e-4, atol=1e-5)
+    assert training.predict_probs(models, images[:37], batch_size=16).shape == (37, 3)  # auto on CPU: shared
 
 
 def test_top_k_and_cumulative_rules():

@@ -40,6 +40,7 @@ cross-correlation; ``conv_impls_for`` picks per layer (see ``FFT_MIN_KERNEL_CPU`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import flax.linen as nn
@@ -290,6 +291,55 @@ class RegionCNN(nn.Module):
         return nn.Dense(self.n_heads, kernel_init=nn.initializers.glorot_uniform())(x)
 
 
+# --------------------------------------------------------------------------- prediction of many nets
+
+
+def fold_batch_norm(params: dict, batch_stats: dict, layer: int) -> tuple[jax.Array, jax.Array]:
+    """Kernel and bias of conv `layer` with its eval-mode batch norm folded in.
+
+    Eval-mode batch norm is per channel y = a·(conv(x) + b − mean) + β, a = scale / sqrt(var + ε),
+    so BN(conv(x; w, b)) = conv(x; a·w) + a·(b − mean) + β exactly (to float32 rounding).
+    params / batch_stats: one `RegionCNN`'s (norm "batch"). Returns (kh, kw, Cin, Cout), (Cout,)."""
+    bn, st, conv = params[f"BatchNorm_{layer}"], batch_stats[f"BatchNorm_{layer}"], params[f"Conv_{layer}"]
+    a = bn["scale"] * lax.rsqrt(st["var"] + BATCH_NORM_EPSILON)
+    return conv["kernel"] * a, a * (conv["bias"] - st["mean"]) + bn["bias"]
+
+
+def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl: str) -> jax.Array:
+    """Eval-mode first block (conv → batch norm → ReLU → 2×2 max-pool) of G per-region nets on
+    the same images, as ONE convolution with G·C outputs.
+
+    The first layer has one input channel, so stacking the G nets' kernels along the output
+    channels is an ordinary convolution, not a grouped one: the image side (the input transform
+    of the FFT path) is done once and the direct path runs a G× wider, much more efficient GEMM
+    (predict at 32 px, 10 nets, 2-core CPU: 7,500 → 12,400 particle·region/s).
+    x: (B, N, N) images.  kernels: (G, k, k, 1, C), biases: (G, C) — batch norm folded in
+    (`fold_batch_norm`).  impl: "direct" | "fft" | "patches".  Returns (G, B, N//2, N//2, C)."""
+    g, k, _, _, c = kernels.shape
+    w = kernels.transpose(1, 2, 3, 0, 4).reshape(k, k, 1, g * c)
+    bias = biases.reshape(g * c)
+    if impl == "fft":  # the transforms' own layout: pool channels-first, transpose the quarter
+        y = max_pool2(conv2d_fft(x[..., None], w, channels_first_out=True) + bias[:, None, None], channels_first=True)
+        b, _, h, wd = y.shape
+        return nn.relu(y.reshape(b, g, c, h, wd).transpose(1, 0, 3, 4, 2))
+    y = max_pool2(_CONVS[impl](x[..., None], w) + bias)
+    b, h, wd, _ = y.shape
+    return nn.relu(y.reshape(b, h, wd, g, c).transpose(3, 0, 1, 2, 4))
+
+
+def tail_eval(model: RegionCNN, params: dict, batch_stats: dict, h: jax.Array) -> jax.Array:
+    """Eval-mode rest of a batch-norm `RegionCNN` after its first block: conv blocks 2… with the
+    batch norm folded in, then dense 256 ReLU and the heads (dropout is the identity in eval).
+    h: (B, N//2, N//2, C1) from `shared_first_block`.  Returns (B, n_heads) logits, equal to
+    ``model.apply(…, train=False)`` to float32 rounding."""
+    for i in range(1, len(model.conv_filters)):
+        w, c = fold_batch_norm(params, batch_stats, i)
+        h = nn.relu(max_pool2(_CONVS[model.conv_impls[i]](h, w) + c))
+    h = h.reshape(h.shape[0], -1)
+    h = nn.relu(h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    return h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+
+
 def architecture(cfg: Any, box_px: int, n_heads: int = 1) -> dict:
     """Plain-data description of the network (stored in every checkpoint).
 
@@ -320,9 +370,18 @@ def build_model(arch: dict, conv_impl: str = "auto", backend: str | None = None)
 
 
 def init_variables(key: jax.Array, model: RegionCNN, box_px: int) -> dict:
-    """{"params": …, "batch_stats": … (empty for group/layer norm)} for an (N, N, 1) input."""
-    variables = model.init({"params": key}, jnp.zeros((1, box_px, box_px, 1), jnp.float32), train=False)
+    """{"params": …, "batch_stats": … (empty for group/layer norm)} for an (N, N, 1) input.
+
+    Jitted (one compilation per model and box): run op by op, Flax's init compiled every
+    primitive of the forward pass separately — 3.9 s for 10 regions at 32 px on the 2-core CPU,
+    against one ~0.3 s compilation. Same values as the eager init (same PRNG stream)."""
+    variables = _jitted_init(model, box_px)(key)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+@lru_cache(maxsize=32)
+def _jitted_init(model: RegionCNN, box_px: int):
+    return jax.jit(lambda key: model.init({"params": key}, jnp.zeros((1, box_px, box_px, 1), jnp.float32), train=False))
 
 
 def param_count(params) -> int:
