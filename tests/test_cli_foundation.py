@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
 
 import mrcfile
 import numpy as np
@@ -21,6 +23,7 @@ from deepalign_cli.core.symmetry import symmetry_operators
 from deepalign_cli.io import star
 from deepalign_cli.io.cryosparc import read_cs
 from deepalign_cli.io.xmipp import write_xmd
+from deepalign_cli import main as main_module
 from deepalign_cli.main import STAGES
 
 SIM_SNR = 0.1  # the simulate default the session project was made with
@@ -61,6 +64,25 @@ def test_help_lists_every_stage_and_marks_the_unbuilt_ones():
         assert line is not None, f"stage {name} missing from deepalign --help"
         if importlib.util.find_spec(f"deepalign_cli.commands.{module}") is None:
             assert "not built yet" in line, f"unbuilt stage {name} is not marked in --help: {line!r}"
+
+
+def test_a_stage_process_imports_only_its_own_command_module():
+    """`deepalign STAGE …` builds the CLI with the other stages as placeholders (their help kept):
+    reconstruct never imports the training stack."""
+    code = ("import sys; sys.argv = ['deepalign', 'reconstruct', '--help']\n"
+            "import deepalign_cli.main as m\n"
+            "try:\n    m.run()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('LOADED', sorted(k.rsplit('.', 1)[1] for k in sys.modules if k.startswith('deepalign_cli.commands.')),"
+            " 'optax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Usage: deepalign reconstruct" in out
+    loaded = out[out.index("LOADED"):]
+    assert "'reconstruct'" in loaded and "'train'" not in loaded and "'label'" not in loaded and loaded.rstrip().endswith("False")
+    assert main_module._requested_stage(["deepalign", "--help"]) is None
+    assert main_module._requested_stage(["deepalign", "train", "p", "--config", "x.yaml"]) == "train"
+    assert main_module._requested_stage(["deepalign", "nonsense"]) is None
+    app = main_module.build_app("label")  # every stage is still listed
+    assert [c.name for c in app.registered_commands] == [name for name, _, _ in STAGES]
 
 
 # ----------------------------------------------------------------------------------------- simulate
