@@ -121,7 +121,7 @@ def test_predict_shared_first_layer_equals_loop_with_padded_groups(monkeypatch):
     loop = training.predict_probs(models, images[:37], batch_size=16, region_parallel="loop")
     box = images.shape[1]
     # groups of two nets: the second group is padded with a repeat of its first net
-    monkeypatch.setattr(training, "_SHARED_FIRST_BYTES", 2 * 16 * 16 * (box // 2) ** 2 * 4)
+    monkeypatch.setattr(training, "_SHARED_FIRST_BYTES", 2 * 16 * 16 * box**2 * 4)
     shared = training.predict_probs(models, images[:37], batch_size=16, region_parallel="shared")
     np.testing.assert_allclose(shared, loop, rtol=1e-4, atol=1e-5)
     assert training.predict_probs(models, images[:37], batch_size=16).shape == (37, 3)  # auto on CPU: shared

@@ -371,7 +371,8 @@ def _predict_shared_first(model: cnn.RegionCNN, variables: list, images, batch_s
     outputs (`cnn.shared_first_block`; G bounded by ``_SHARED_FIRST_BYTES`` of activations), then
     each net's remaining layers (`cnn.tail_eval`, one jitted call per net). Measured on the 2-core
     CPU (10 nets, batch 512, particle·region/s, the per-net loop → this, two runs): 24 px
-    18,200–20,300 → 24,500, 32 px 9,400–9,500 → 12,800–13,000 (direct first layer); with an FFT
+    18,200–20,300 → 24,500, 32 px 9,400–9,500 → 12,800–13,000; 42 nets: 24 px 21,400 → 25,500,
+    32 px 7,500 → 11,200 (13,000 with 1 GiB groups; direct first layer); with an FFT
     first layer it loses (64 px 1,660–1,690 → 1,420–1,470, 120 px 270–280 → 245–255: the shared
     part is only the input transform, and the G·16-channel output is transposed per net), so
     "auto" keeps the loop there. Equal to the per-net forward to float32 rounding (batch norm
@@ -379,7 +380,7 @@ def _predict_shared_first(model: cnn.RegionCNN, variables: list, images, batch_s
     n, box = images.shape[0], images.shape[1]
     n_nets = len(variables)
     fold, first, tail = _shared_first_fns(model)
-    per_net = batch_size * model.conv_filters[0] * (box // 2) ** 2 * 4
+    per_net = batch_size * model.conv_filters[0] * box**2 * 4  # the first conv's output, before the pool
     n_groups = -(-n_nets // max(1, min(n_nets, _SHARED_FIRST_BYTES // per_net)))
     g = -(-n_nets // n_groups)  # equal groups: at most n_groups - 1 padded nets
     folded = [fold(v["params"], v["batch_stats"]) for v in variables]
