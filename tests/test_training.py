@@ -120,10 +120,16 @@ def test_predict_shared_first_layer_equals_loop_with_padded_groups(monkeypatch):
     models = training.train_regions(images, labels, [0, 1, 2], TrainConfig(**{**TINY, "epochs": 1}), jax.random.key(0))
     loop = training.predict_probs(models, images[:37], batch_size=16, region_parallel="loop")
     box = images.shape[1]
-    # groups of two nets: the second group is padded with a repeat of its first net
-    monkeypatch.setattr(training, "_SHARED_FIRST_BYTES", 2 * 16 * 16 * box**2 * 4)
-    shared = training.predict_probs(models, images[:37], batch_size=16, region_parallel="shared")
-    np.testing.assert_allclose(shared, loop, rtol=1e-4, atol=1e-5)
+    # groups of two nets (a budget for two nets' first-layer outputs): the second group is padded
+    # with a repeat of its first net; and one group of all three
+    seen = []
+    real = training._predict_shared_first
+    monkeypatch.setattr(training, "_predict_shared_first", lambda *a: seen.append(a[-1]) or real(*a))
+    two_nets_gb = 16 * (2 * 16 * 16 * box**2 * 4) / 2**30
+    for budget in (two_nets_gb, 1.0):
+        shared = training.predict_probs(models, images[:37], batch_size=16, region_parallel="shared", memory_budget_gb=budget)
+        np.testing.assert_allclose(shared, loop, rtol=1e-4, atol=1e-5)
+    assert seen == [pytest.approx(2 * 16 * 16 * box**2 * 4), 2**30 / 16]
     assert training.predict_probs(models, images[:37], batch_size=16).shape == (37, 3)  # auto on CPU: shared
 
 

@@ -86,7 +86,7 @@ def command(
         task = bar.add_task(f"predict {len(trained)} regions", total=n, rate="")
         t0 = time.perf_counter()
         for idx, images in src.iter_chunks(chunk):
-            probs[idx[:, None], np.asarray(trained)[None, :]] = training.predict_probs(use, images, pc.batch_size)
+            probs[idx[:, None], np.asarray(trained)[None, :]] = training.predict_probs(use, images, pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
             done = idx[-1] + 1
             bar.update(task, completed=done, rate=f"{done * len(trained) / max(time.perf_counter() - t0, 1e-9):,.0f} particle·region/s")
 

@@ -30,8 +30,8 @@ cross-entropy on logits (``optax.sigmoid_binary_cross_entropy``).
   padded to a multiple of D by repeating the first region (those outputs are dropped), every
   device runs the vmapped program on its R/D regions (``shard_map``, no collectives) and the
   images are replicated. A region's result therefore does not depend on D (its RNG stream is
-  its own). The loop formulation and the shared trunk stay on the default device. With one
-  device the single-device code path runs unchanged.
+  its own). The loop and shared-first-layer (predict) formulations and the shared trunk stay on
+  the default device. With one device the single-device code path runs unchanged.
 * **Shared trunk** (``model="shared_trunk"``, beyond the paper): one network with a head per region;
   each batch is drawn stratified over all labels (every image is a positive for its own head and a
   negative for the others), loss = mean over heads of the balanced (½ pos + ½ neg) BCE. An epoch
@@ -364,11 +364,11 @@ def _shared_first_fns(model: cnn.RegionCNN):
     return fold, first, tail
 
 
-def _predict_shared_first(model: cnn.RegionCNN, variables: list, images, batch_size: int) -> np.ndarray:
+def _predict_shared_first(model: cnn.RegionCNN, variables: list, images, batch_size: int, max_bytes: float) -> np.ndarray:
     """Logits (n, R) of R per-region batch-norm nets, their first layer shared.
 
     Per chunk of images, the first block of G nets at a time runs as one convolution with G·16
-    outputs (`cnn.shared_first_block`; G bounded by ``_SHARED_FIRST_BYTES`` of activations), then
+    outputs (`cnn.shared_first_block`; G bounded by `max_bytes` of activations), then
     each net's remaining layers (`cnn.tail_eval`, one jitted call per net). Measured on the 2-core
     CPU (10 nets, batch 512, particle·region/s, the per-net loop → this, two runs): 24 px
     18,200–20,300 → 24,500, 32 px 9,400–9,500 → 12,800–13,000; 42 nets: 24 px 21,400 → 25,500,
@@ -381,7 +381,7 @@ def _predict_shared_first(model: cnn.RegionCNN, variables: list, images, batch_s
     n_nets = len(variables)
     fold, first, tail = _shared_first_fns(model)
     per_net = batch_size * model.conv_filters[0] * box**2 * 4  # the first conv's output, before the pool
-    n_groups = -(-n_nets // max(1, min(n_nets, _SHARED_FIRST_BYTES // per_net)))
+    n_groups = -(-n_nets // max(1, min(n_nets, int(max_bytes // per_net))))
     g = -(-n_nets // n_groups)  # equal groups: at most n_groups - 1 padded nets
     folded = [fold(v["params"], v["batch_stats"]) for v in variables]
     groups = []
@@ -690,7 +690,8 @@ def _train_shared(train_images, y_train, val_images, y_val, regions, cfg, key, b
 # --------------------------------------------------------------------------- prediction
 
 
-def predict_probs(models: dict, images, batch_size: int, region_parallel: str = "auto") -> np.ndarray:
+def predict_probs(models: dict, images, batch_size: int, region_parallel: str = "auto",
+                  memory_budget_gb: float | None = None) -> np.ndarray:
     """Probability that each image belongs to each trained region.
 
     models: {region: entry} as returned by `train_regions` (or restored checkpoints); entries
@@ -701,6 +702,8 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     "vmap" (all nets stacked, one call per chunk; with several devices the stacked region axis
     is split over them, see the module docstring) or "auto" (on CPU "shared" for batch-norm
     nets whose first layer is a direct convolution, else "loop"; "vmap" on accelerators).
+    memory_budget_gb: the shared path's first-layer activations are kept to 1/16 of it (default
+    ``_SHARED_FIRST_BYTES``, 256 MiB = 1/16 of predict's default 4 GB).
     Returns (n, R) float32, columns in sorted region order of the trained entries: sigmoid of
     each head, or for a shared trunk trained with shared_loss="softmax" the softmax over its heads."""
     regions = sorted(r for r, m in models.items() if m.get("params") is not None)
@@ -725,7 +728,8 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     if shared:
         if model.norm != "batch":
             raise DeepAlignError(f"predict: region_parallel 'shared' needs batch-norm nets, these use {model.norm!r}")
-        out[:] = _predict_shared_first(model, variables, images, batch_size)
+        max_bytes = _SHARED_FIRST_BYTES if memory_budget_gb is None else memory_budget_gb * 2**30 / 16
+        out[:] = _predict_shared_first(model, variables, images, batch_size, max_bytes)
         return np.asarray(jax.nn.sigmoid(out))
     mesh = devices.region_mesh() if use_vmap else None
     if use_vmap and mesh is None:
