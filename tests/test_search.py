@@ -226,3 +226,17 @@ def test_particles_whose_candidates_cover_the_unit_are_searched_whole(vol_ft):
     assert seen == sorted(seen) and seen[-1] == 4
     assert mixed["whole_unit"].tolist() == [False, False, True, True] and not narrow["whole_unit"].any() and whole["whole_unit"].all()
     assert mixed["seconds"]["project"] > 0
+
+
+def test_a_handful_of_restricted_particles_among_wide_ones_is_searched_whole(vol_ft):
+    """Below RESTRICTED_MIN_FRACTION of a call, the narrow particles join the whole-unit search."""
+    cands = np.tile(np.arange(len(CENTRES)), (25, 1))
+    cands[0, :] = -1
+    cands[0, :2] = [20, 21]  # narrow: 1 of 25 = 4 % < 5 %
+    images, _, _, params = _particles(vol_ft, seed=9, n=25, region=20, snr=1.0)
+    assert search.RESTRICTED_MIN_FRACTION > 1 / 25
+    mixed = _align(vol_ft, images, params, cands, angular_step_deg=15.0, psi_step_deg=15.0)
+    whole = _align(vol_ft, images, params, None, angular_step_deg=15.0, psi_step_deg=15.0, exhaustive=True)
+    assert mixed["whole_unit"].all()
+    for key in ("eulers_deg", "origins_px", "score"):
+        np.testing.assert_allclose(mixed[key], whole[key], atol=1e-4)

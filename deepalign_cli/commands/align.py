@@ -52,7 +52,7 @@ import typer
 from .. import plots
 from ..config import PreprocessConfig, RegionConfig
 from ..core import gallery, preprocess, projector, regions
-from ..core.search import align_particles
+from ..core.search import RESTRICTED_MIN_FRACTION, align_particles
 from ..errors import DeepAlignError
 from ..io import mrc, star
 from ..io.atomic import atomic_write, staged_dir, write_text_atomic
@@ -367,7 +367,8 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
     whole_unit = 0 if cand_mat is None else int(whole.sum())
     if whole_unit:
         console.print(f"{whole_unit} of {n} particles searched over the whole asymmetric unit: their candidate regions "
-                      f"with {margin:.1f}° margins hold as many references")
+                      f"with {margin:.1f}° margins hold as many references (or, in a chunk, all but "
+                      f"< {RESTRICTED_MIN_FRACTION:.0%} of the particles did)")
     summary = {"mode": mode, "n_particles": n, "seconds": round(t.seconds, 3), "particles_per_s": round(n / max(t.seconds, 1e-9), 3),
                "reference": ref_desc, "working_box_px": box, "working_pixel_ang": pixel, "lowpass_resolution_ang": round(resolution, 3),
                "angular_step_deg": round(step, 4), "psi_step_deg": round(psi, 4), "margin_deg": round(margin, 4),
