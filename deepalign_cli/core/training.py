@@ -390,12 +390,7 @@ def _predict_shared_first(model: cnn.RegionCNN, variables: list, images, batch_s
         padded = members + [members[0]] * (g - len(members))  # one compiled shape for every group
         groups.append((members, jnp.stack([folded[i][0] for i in padded]), jnp.stack([folded[i][1] for i in padded])))
     out = np.zeros((n, n_nets), np.float32)
-    for start in range(0, n, batch_size):
-        chunk = np.asarray(images[start : start + batch_size], np.float32)
-        m = chunk.shape[0]
-        if m < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - m,) + chunk.shape[1:], np.float32)])
-        x = jnp.asarray(chunk)
+    for start, m, x in _padded_batches(images, batch_size):
         cols = []
         for members, kernels, biases in groups:
             h = first(x, kernels, biases)
@@ -434,16 +429,20 @@ def stack_region_variables(variables: Sequence[dict], mesh=None) -> Any:
     return devices.shard_leading(devices.pad_leading(stacked, n_pad), mesh, devices.REGION_AXIS)
 
 
-def _chunked_logits(fn, variables, images, batch_size: int) -> np.ndarray:
-    """Apply a jitted forward over `images` (n, N, N) in fixed-size chunks (last chunk padded)."""
-    n = images.shape[0]
-    out = []
-    for start in range(0, n, batch_size):
+def _padded_batches(images, batch_size: int):
+    """(start, m, (batch_size, N, N) float32 device array) over `images` (n, N, N) — numpy or memmap,
+    read one batch at a time — with the last batch zero-padded, so one compiled shape serves all."""
+    for start in range(0, images.shape[0], batch_size):
         chunk = np.asarray(images[start : start + batch_size], np.float32)
         m = chunk.shape[0]
         if m < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - m,) + chunk.shape[1:], np.float32)])
-        out.append(np.asarray(fn(variables, jnp.asarray(chunk)))[:m])
+        yield start, m, jnp.asarray(chunk)
+
+
+def _chunked_logits(fn, variables, images, batch_size: int) -> np.ndarray:
+    """Apply a jitted forward over `images` (n, N, N) in fixed-size chunks (last chunk padded)."""
+    out = [np.asarray(fn(variables, x))[:m] for _, m, x in _padded_batches(images, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
