@@ -9,3 +9,7 @@ __version__ = "0.1.0"
 from . import xla_cpu as _xla_cpu
 
 _xla_cpu.configure()  # before any JAX computation: XLA reads XLA_FLAGS once, at backend start
+
+from . import host_malloc as _host_malloc
+
+_host_malloc.configure()  # before JAX starts its threads: their allocations then reuse one heap

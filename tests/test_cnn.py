@@ -197,6 +197,35 @@ def test_paper_network_at_64px_has_expected_shapes_and_parameter_count():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-4 * scale)
 
 
+@pytest.mark.parametrize("impl", ["direct", "fft"])
+def test_conv_bias_before_batch_norm_is_not_trained_and_does_not_change_training(impl):
+    """A per-channel shift in front of a training-mode batch norm cancels, so `Conv` stops its
+    gradient: the bias gradient is exactly 0, and loss and every other gradient equal those of
+    the same net with the biases at 0."""
+    cfg = TrainConfig(conv_filters=(4, 8, 8), dense_units=16, dropout=0.0)
+    model = cnn.build_model(cnn.architecture(cfg, 40), impl)
+    variables = cnn.init_variables(jax.random.key(0), model, 40)
+    x = jax.random.normal(jax.random.key(1), (6, 40, 40, 1))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.5 if "bias" in jax.tree_util.keystr(path) and "Conv" in jax.tree_util.keystr(path) else v,
+        variables["params"])
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda path, v: v * 0 if "bias" in jax.tree_util.keystr(path) and "Conv" in jax.tree_util.keystr(path) else v,
+        params)
+
+    def loss(p):
+        out, _ = model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out * jnp.arange(1.0, 7.0)[:, None])
+
+    (l_b, g_b), (l_0, g_0) = jax.value_and_grad(loss)(params), jax.value_and_grad(loss)(zeroed)
+    np.testing.assert_allclose(float(l_b), float(l_0), rtol=1e-5)
+    for i in range(3):
+        assert np.all(np.asarray(g_b[f"Conv_{i}"]["bias"]) == 0.0)
+        assert float(np.abs(params[f"Conv_{i}"]["bias"]).min()) == 0.5  # the shift was really there
+    for a, b in zip(jax.tree_util.tree_leaves(g_b), jax.tree_util.tree_leaves(g_0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+
+
 def _small(norm):
     cfg = TrainConfig(norm=norm, conv_filters=(4, 8, 8), dense_units=16, dropout=0.0)
     model = cnn.build_model(cnn.architecture(cfg, 16), "direct")

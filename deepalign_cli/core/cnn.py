@@ -183,6 +183,10 @@ class Conv(nn.Module):
     kernel_px: int
     impl: str = "direct"
     channels_first_out: bool = False  # (B, C, H, W) output; FFT only (its transforms' own layout)
+    # A training-mode batch norm follows: its output does not depend on a per-channel shift of its
+    # input, so the bias's gradient is exactly zero and is not computed (one full-resolution
+    # reduction per layer less; the parameter is kept, and still added, for the same checkpoints).
+    bias_before_norm: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -190,6 +194,8 @@ class Conv(nn.Module):
             "kernel", nn.initializers.glorot_uniform(), (self.kernel_px, self.kernel_px, x.shape[-1], self.features)
         )
         b = self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.bias_before_norm:
+            b = lax.stop_gradient(b)
         if self.channels_first_out:
             return conv2d_fft(x, w, channels_first_out=True) + b[:, None, None]
         return _CONVS[self.impl](x, w) + b
@@ -276,7 +282,7 @@ class RegionCNN(nn.Module):
                 # (training step: 64 px ~620 → ~643, 120 px ~118 → ~126 image-steps/s). Named as
                 # Flax's own BatchNorm would be, so the variable tree is the same.
                 cf = impl == "fft"
-                x = Conv(filters, k, impl, channels_first_out=cf)(x)
+                x = Conv(filters, k, impl, channels_first_out=cf, bias_before_norm=True)(x)
                 x = BatchNormReluPool(channels_first=cf, name=f"BatchNorm_{i}")(x, use_running_average=not train)
                 continue
             x = Conv(filters, k, impl)(x)
