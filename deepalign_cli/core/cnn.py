@@ -40,7 +40,7 @@ cross-correlation; ``conv_impls_for`` picks per layer (see ``FFT_MIN_KERNEL_CPU`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import flax.linen as nn
@@ -218,6 +218,21 @@ def max_pool2(x: jax.Array, channels_first: bool = False) -> jax.Array:
     return x.reshape(b, h // p, p, w // p, p, c).max(axis=(2, 4))
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def sum_and_sum_of_squares(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(Σx, Σx²) over `axes` in one pass: one variadic reduction instead of two, which XLA:CPU
+    runs 1.4–1.6× faster on a 64-px layer's activations (33.5 MB channels-first: 6.4 → 4.5 ms;
+    16.8 MB channels-last: 4.0 → 2.5 ms). Differentiable (forward and reverse) by its JVP."""
+    zero = jnp.zeros((), x.dtype)
+    return lax.reduce((x, x * x), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
+
+
+@sum_and_sum_of_squares.defjvp
+def _sum_and_sum_of_squares_jvp(axes, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return sum_and_sum_of_squares(x, axes), (dx.sum(axes), 2.0 * (x * dx).sum(axes))
+
+
 class BatchNormReluPool(nn.Module):
     """``max_pool2(relu(BatchNorm(x)))`` with the normalisation applied after the pool.
 
@@ -247,8 +262,10 @@ class BatchNormReluPool(nn.Module):
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            mean = x.mean(axis=axes)
-            var = jnp.maximum(0.0, (x * x).mean(axis=axes) - mean * mean)
+            total, total_sq = sum_and_sum_of_squares(x, axes)
+            n = x.size // c
+            mean = total / n
+            var = jnp.maximum(0.0, total_sq / n - mean * mean)
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
