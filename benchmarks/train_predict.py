@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras_reference  # noqa: E402
 
+from deepalign_cli import host_malloc  # noqa: E402
 from deepalign_cli.config import TrainConfig  # noqa: E402
 from deepalign_cli.core import cnn, training  # noqa: E402
 
@@ -133,13 +134,14 @@ def main():
     ap.add_argument("--repeat", type=int, default=2, help="back-to-back JAX/Keras pairs per size")
     ap.add_argument("--conv-sweep", action="store_true", help="also time every direct/FFT/patches combination per layer")
     a = ap.parse_args()
+    one_arena = host_malloc.share_one_arena(min(a.sizes))  # as `deepalign train`/`predict` do at these boxes
     cfg = TrainConfig()
     n_steps, n_pred = (2, 512) if a.quick else (4, 2048)
     have_tf = keras_reference.available()
     on_cpu = jax.default_backend() == "cpu"
     rows, out = [], {"machine": platform.processor() or platform.machine(), "cpus": jax.local_device_count(),
                      "backend": jax.default_backend(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                     "quick": a.quick, "tensorflow": have_tf, "boxes": {}}
+                     "quick": a.quick, "tensorflow": have_tf, "one_malloc_arena": one_arena, "boxes": {}}
     out["matmul_ceiling_gflops"] = matmul_ceiling() / 1e9
     for box in a.sizes:
         kernels = cnn.kernel_sizes(box, cfg.kernel_fractions)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from .. import plots
+from .. import host_malloc, plots
 from ..errors import DeepAlignError
 from ..io import checkpoints as ckpt
 from ..io import star
@@ -61,6 +61,7 @@ def command(
     proj = Project.open(project)
     proj.require_done("train")
     check_can_run(proj, "predict", force)
+    host_malloc.share_one_arena(proj.stage("train").get("box") or 0)  # before JAX starts its threads (loading the nets starts them)
     n_regions = n_regions_of(proj)
     models = load_models(proj.root / "train", n_regions)
     trained = [r for r in range(n_regions) if models[r].get("params") is not None]

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import typer
 
-from .. import plots
+from .. import host_malloc, plots
 from ..errors import DeepAlignError
 from ..io import checkpoints as ckpt
 from ..io import star
@@ -126,6 +126,7 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
     labels_path = proj.root / "label" / "labels.star"
     table = star.read_particles(labels_path)
     src = ParticleSource(table, cfg.preprocess)
+    host_malloc.share_one_arena(src.box)  # before JAX starts its threads (see host_malloc)
     check_against_project(src, proj, labels_path)
     y = table.particles["rlnDeepAlignRegion"].to_numpy(int)
     if y.max(initial=-1) >= n_regions:
