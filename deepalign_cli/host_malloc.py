@@ -8,15 +8,16 @@ cannot hold a block above 64 MiB at all. Either way every call touches new pages
 page fault per 4 KiB. Measured 2026-11-26 on the 2-core CI-class machine (one region's training
 step, batch 128; `benchmarks/malloc_ab.py`, on/off in alternating processes):
 
-- 64 px: ~33,000 page faults per step → ~0; training 1.05–1.13×, prediction 1.43–1.52×;
+- 64 px: ~33,000 page faults per step → ~0; training 1.05–1.20×, prediction 1.43–1.52×;
 - 120 px: training 1.09–1.19×, prediction 0.96×;
 - 32 px (no block above 32 MiB): one shared arena makes the worker threads contend for its
-  lock, training 0.85–0.95× (eight alternating processes), so small boxes keep glibc's arenas.
+  lock, training 0.84–0.97× (six alternating pairs), so small boxes keep glibc's arenas.
 
 Two steps:
 - `configure` (on import, ``deepalign_cli/__init__.py``): ``M_MMAP_THRESHOLD`` and
   ``M_TRIM_THRESHOLD`` = 1 GiB, so blocks below 1 GiB come from the heaps and freed memory is
-  kept for reuse. Harmless at every box (32-px training 1.0–1.05×).
+  kept for reuse. 32 px: training 0.91–1.04× (within this machine's noise), prediction
+  1.19–1.22×.
 - `share_one_arena` (``M_ARENA_MAX`` = 1), called by `train` and `predict` for a working box of
   at least `ONE_ARENA_MIN_BOX` px *before JAX starts its threads*: every thread then allocates
   from the main heap, which can hold and reuse the big slab. Each setting alone left the
