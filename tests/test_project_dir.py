@@ -66,6 +66,22 @@ def test_require_not_done_refuses_without_force_and_resets_with_it(tmp_path):
     assert not proj.is_done("train")
 
 
+def test_mark_done_keeps_shards_recorded_after_the_caller_read_them(tmp_path):
+    """The interleaving two train shards finishing together produced: B records its shard, A
+    records its own, A marks the stage done, then B marks it done with the list it read before
+    A's entry. Both shards stay recorded."""
+    proj = Project.create(tmp_path)
+    proj.update_stage("train", shards_done=["6-11"])  # B
+    proj.update_stage("train", shards_done=["0-5", "6-11"])  # A
+    proj.mark_done("train", outputs=[], seconds=1.0, shards_done=["0-5", "6-11"])  # A
+    proj.mark_done("train", outputs=[], seconds=1.0, shards_done=["6-11"])  # B, stale list
+    record = Project.open(tmp_path).stage("train")
+    assert record["done"] is True and record["shards_done"] == ["0-5", "6-11"]
+    proj.require_not_done("train", force=True)  # a forced rerun starts from no shards
+    proj.mark_done("train", outputs=[], seconds=1.0, shards_done=["0-11"])
+    assert Project.open(tmp_path).stage("train")["shards_done"] == ["0-11"]
+
+
 SHARD = """
 import sys
 from deepalign_cli.io.project import Project

@@ -221,7 +221,11 @@ class Project:
 
     def mark_done(self, stage: str, outputs: Iterable[Path | str] = (), seconds: float | None = None, config: BaseModel | dict | None = None, **extra) -> None:
         """Record a finished stage: outputs (paths, stored relative to PROJECT when inside it),
-        wall time in seconds, and optionally the stage's config."""
+        wall time in seconds, and optionally the stage's config.
+
+        A ``shards_done`` list is merged, under the lock, with the one already recorded: two
+        shards that finish at the same moment may both find every region written and both mark
+        the stage done, each with the list it read earlier; the union keeps both."""
         rel = []
         for p in outputs:
             p = Path(p)
@@ -233,6 +237,9 @@ class Project:
         plain = _plain(config)
 
         def change(state: dict) -> None:
+            if "shards_done" in record:
+                earlier = (state["stages"].get(stage) or {}).get("shards_done") or []
+                record["shards_done"] = sorted(set(earlier) | set(record["shards_done"] or []))
             state["stages"][stage] = record
             if plain is not None:
                 state["config"][stage] = plain
