@@ -86,7 +86,7 @@ class TrainConfig(_Stage):
         "one_vs_rest",
         description="shared trunk only: per-head balanced BCE (one_vs_rest) or one softmax cross-entropy over the region heads",
     )
-    conv_impl: Literal["auto", "direct", "fft", "patches"] = "auto"
+    conv_impl: Literal["auto", "direct", "fft", "patches", "s2d"] = "auto"
     region_parallel: Literal["auto", "loop", "vmap"] = Field(
         "auto", description="regions one after another (loop, fastest on CPU) or vmapped together; auto: loop on CPU, vmap on GPU"
     )

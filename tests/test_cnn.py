@@ -11,7 +11,7 @@ from deepalign_cli.config import TrainConfig
 from deepalign_cli.core import augment, cnn
 
 
-@pytest.mark.parametrize("impl", ["fft", "patches"])
+@pytest.mark.parametrize("impl", ["fft", "patches", "s2d"])
 @pytest.mark.parametrize("k", [10, 6, 4, 3])
 @pytest.mark.parametrize("cin,cout", [(3, 5), (1, 4), (1, 3)])  # (1, even): the paired-output FFT path
 def test_fast_convs_equal_direct_conv_values_and_gradients(k, impl, cin, cout):
@@ -127,7 +127,7 @@ def _random_bn_net(key, model, box):
     return v
 
 
-@pytest.mark.parametrize("impl", ["direct", "fft", "patches"])
+@pytest.mark.parametrize("impl", ["direct", "fft", "patches", "s2d"])
 def test_shared_first_block_and_tail_equal_each_nets_eval_forward(impl):
     """Predict's fast path: G nets' first layers as one convolution, batch norm folded, then each
     net's tail — the same logits as every net's own eval-mode forward."""
@@ -160,11 +160,15 @@ def test_kernel_sizes_follow_paper_figure_1():
     assert cnn.kernel_sizes(32, (1 / 3, 1 / 10, 1 / 20)) == (10, 3, 3)  # minimum 3
 
 
-def test_auto_uses_fft_only_for_large_kernels_on_cpu():
+def test_auto_uses_fft_for_large_kernels_and_s2d_for_the_first_layer_on_cpu():
     assert cnn.conv_impls_for((40, 12, 6), "auto", "cpu") == ("fft", "fft", "direct")
     assert cnn.conv_impls_for((21, 6, 3), "auto", "cpu") == ("fft", "direct", "direct")
-    assert cnn.conv_impls_for((10, 3, 3), "auto", "cpu") == ("direct",) * 3
+    assert cnn.conv_impls_for((10, 3, 3), "auto", "cpu") == ("s2d", "direct", "direct")
+    assert cnn.conv_impls_for((16, 4, 3), "auto", "cpu") == ("s2d", "direct", "direct")
+    assert cnn.conv_impls_for((4, 3, 3), "auto", "cpu") == ("direct",) * 3
     assert cnn.conv_impls_for((40, 12, 6), "auto", "gpu") == ("direct",) * 3
+    assert cnn.conv_impls_for((10, 3, 3), "auto", "gpu") == ("direct",) * 3
+    assert cnn.conv_impls_for((10, 3, 3), "s2d", "cpu") == ("s2d",) * 3
 
 
 def test_paper_network_at_64px_has_expected_shapes_and_parameter_count():
@@ -295,3 +299,14 @@ def test_augmentation_preserves_norm_of_a_centred_particle_and_changes_it():
     norms = np.linalg.norm(np.asarray(out).reshape(16, -1), axis=1)
     np.testing.assert_allclose(norms, np.linalg.norm(blob), rtol=0.03)
     assert np.min(np.linalg.norm(np.asarray(out - imgs).reshape(16, -1), axis=1)) > 0.1 * np.linalg.norm(blob)
+
+
+@pytest.mark.parametrize("k,shape", [(16, (2, 24, 29, 1)), (7, (3, 13, 22, 2)), (5, (1, 9, 5, 1))])
+def test_s2d_conv_equals_direct_on_rectangular_inputs(k, shape):
+    """Widths that are not a multiple of the column group, a width below the kernel."""
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, (k, k, shape[-1], 6)) / k
+    direct, s2d = cnn.conv2d_direct(x, w), cnn.conv2d_s2d(x, w)
+    assert s2d.shape == direct.shape
+    assert float(jnp.max(jnp.abs(s2d - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))

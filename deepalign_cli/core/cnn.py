@@ -32,9 +32,11 @@ Linen rather than nnx: a model is a stateless description and its variables a pl
 region's variables can be stacked and ``jax.vmap``-ed over regions, scanned over steps and
 serialised with ``flax.serialization`` without object surgery.
 
-Convolutions: ``conv2d_direct`` (``lax.conv_general_dilated``) and ``conv2d_fft`` (zero-padded
-real FFTs, the product summed over input channels per frequency) compute the same 'same'
-cross-correlation; ``conv_impls_for`` picks per layer (see ``FFT_MIN_KERNEL_CPU``).
+Convolutions: ``conv2d_direct`` (``lax.conv_general_dilated``), ``conv2d_fft`` (zero-padded
+real FFTs, the product summed over input channels per frequency), ``conv2d_s2d`` (a convolution
+on a space-to-depth view of the input, for the one-channel first layer) and ``conv2d_patches``
+(im2col) compute the same 'same' cross-correlation; ``conv_impls_for`` picks per layer (see
+``FFT_MIN_KERNEL_CPU`` and ``S2D_MAX_KERNEL_CPU``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,19 @@ POOL_PX = 2
 # XLA's convolution loses, so "auto" never picks it; it stays selectable (`conv_impl: patches`).
 # Re-measure with `benchmarks/train_predict.py --conv-sweep`.
 FFT_MIN_KERNEL_CPU = 12
+# `conv_impl="auto"` on CPU, first layer (one input channel) with a kernel of S2D_MIN_KERNEL_CPU
+# to S2D_MAX_KERNEL_CPU px: the space-to-depth convolution (`conv2d_s2d`, S2D_COLUMNS columns per
+# group). Measured 2026-11-26 (2-core machine, batch 128, forward + kernel gradient of the first
+# layer alone, ms: direct / fft / s2d with 2, 4, 8 columns): 16 px 2.5 / 2.7 / 1.5, 0.9, 1.0;
+# 24 px 5.8 / 6.4 / 2.9, 2.2, 3.3; 32 px 14.2 / 11.1 / 5.4, 5.4, 6.5; 40 px 31.4 / 17.3 / 12.6,
+# 12.9, 12.0; 48 px 61.7 / 35.3 / 24.0, 20.9, 20.5; 64 px 176 / 67 / 81, 80, 91. Whole training
+# step (ms, medians of 10 alternating runs in one process; before → s2d first layer, s = 4):
+# 24 px 17.6 → 15.4, 32 px 31.2 → 24.3 (s2d's own gradient instead of the direct one: 26.8),
+# 40 px 61.5 → 54.7 and 48 px 105.8 → 90.9 (both against the FFT first layer), 64 px 196 → 208
+# (so the FFT keeps 64 px and up).
+S2D_COLUMNS = 4
+S2D_MIN_KERNEL_CPU = 5
+S2D_MAX_KERNEL_CPU = 16
 # On GPU the cuDNN direct convolution wins for all of the paper's kernels at these box sizes.
 FFT_MIN_KERNEL_ACCEL = 10**9
 _FFT_PRIMES = (2, 3, 5, 7)
@@ -81,14 +96,23 @@ def kernel_sizes(box_px: int, fractions: Sequence[float]) -> tuple[int, ...]:
 def conv_impls_for(kernels: Sequence[int], conv_impl: str, backend: str | None = None) -> tuple[str, ...]:
     """Per-layer convolution implementation: "direct" or "fft".
 
-    conv_impl: "direct", "fft" or "auto" (FFT for kernels ≥ the backend's measured threshold).
+    conv_impl: "direct", "fft", "patches", "s2d" (every layer) or "auto": on CPU the first layer
+    (one input channel) "s2d" for kernels of `S2D_MIN_KERNEL_CPU`–`S2D_MAX_KERNEL_CPU` px, and
+    otherwise FFT for kernels ≥ the backend's measured threshold, else direct.
     backend: jax backend name; default `jax.default_backend()`.
     """
     if conv_impl in _CONVS:
         return tuple(conv_impl for _ in kernels)
     backend = backend or jax.default_backend()
-    threshold = FFT_MIN_KERNEL_CPU if backend == "cpu" else FFT_MIN_KERNEL_ACCEL
-    return tuple("fft" if k >= threshold else "direct" for k in kernels)
+    cpu = backend == "cpu"
+    threshold = FFT_MIN_KERNEL_CPU if cpu else FFT_MIN_KERNEL_ACCEL
+
+    def pick(layer: int, k: int) -> str:
+        if cpu and layer == 0 and S2D_MIN_KERNEL_CPU <= k <= S2D_MAX_KERNEL_CPU:
+            return "s2d"
+        return "fft" if k >= threshold else "direct"
+
+    return tuple(pick(i, int(k)) for i, k in enumerate(kernels))
 
 
 def _same_pads(k: int) -> tuple[int, int]:
@@ -172,11 +196,60 @@ def conv2d_patches(x: jax.Array, w: jax.Array) -> jax.Array:
     return cols @ w.reshape(kh * kw * cin, cout)
 
 
-_CONVS = {"direct": conv2d_direct, "fft": conv2d_fft, "patches": conv2d_patches}
+def _s2d_correlation(x: jax.Array, w: jax.Array, s: int) -> jax.Array:
+    b, h, wd, cin = x.shape
+    kh, kw, _, cout = w.shape
+    (ly, hy), (lx, _) = _same_pads(kh), _same_pads(kw)
+    left = -(-lx // s) * s  # left zero padding rounded up to whole groups
+    off = left - lx
+    kq = (s - 1 + kw - 1 + off) // s + 1  # coarse kernel width
+    wx = -(-wd // s)  # coarse output columns
+    width = (wx + kq - 1) * s
+    xq = jnp.pad(x, ((0, 0), (ly, hy), (left, width - left - wd), (0, 0))).reshape(b, h + kh - 1, wx + kq - 1, s * cin)
+    q, v, u = np.meshgrid(np.arange(kq), np.arange(s), np.arange(s), indexing="ij")
+    j = s * q + v - u - off
+    valid = (j >= 0) & (j < kw)
+    ws = jnp.where(valid[None, :, :, :, None, None], w[:, np.clip(j, 0, kw - 1)], 0.0)  # (kh, kq, v, u, Cin, Cout)
+    ws = ws.transpose(0, 1, 2, 4, 3, 5).reshape(kh, kq, s * cin, s * cout)
+    y = lax.conv_general_dilated(xq, ws, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(b, h, wx * s, cout)[:, :, :wd]
+
+
+@jax.custom_vjp
+def conv2d_s2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Same result as `conv2d_direct` (the same products, summed in another order): the forward
+    pass as a convolution on a space-to-depth view, s = `S2D_COLUMNS` neighbouring columns as
+    s·Cin channels; the backward pass is the direct convolution's.
+
+    XLA:CPU's convolution is slowest when it has few channels to vectorise over, and the first
+    layer has one input channel. Viewing the zero-padded input's columns in groups of s,
+    (B, H', W'/s, s·Cin), turns the k×k, Cin → Cout correlation into a k×ceil(·/s),
+    s·Cin → s·Cout one (output column x = s·X + u is channel block u of coarse column X) whose
+    kernel is the original one scattered with zeros: kernel column j = s·q + v − u − off feeds
+    coarse tap q, input phase v, output phase u — about (s + k − 1)/k times the MACs, in a shape
+    XLA vectorises. Its gradient through the same view was slower than the direct convolution's
+    own (kernel gradient of the first layer), so the backward pass is that (see
+    `S2D_MAX_KERNEL_CPU` for the measurements).
+    x: (B, H, W, Cin) float32.  w: (kh, kw, Cin, Cout).  Returns (B, H, W, Cout)."""
+    return _s2d_correlation(x, w, S2D_COLUMNS)
+
+
+def _s2d_fwd(x, w):
+    return _s2d_correlation(x, w, S2D_COLUMNS), (x, w)
+
+
+def _s2d_bwd(residuals, g):
+    return jax.vjp(conv2d_direct, *residuals)[1](g)
+
+
+conv2d_s2d.defvjp(_s2d_fwd, _s2d_bwd)
+
+
+_CONVS = {"direct": conv2d_direct, "fft": conv2d_fft, "patches": conv2d_patches, "s2d": conv2d_s2d}
 
 
 class Conv(nn.Module):
-    """'same' conv layer with a selectable implementation (direct, FFT or patches), Glorot kernel
+    """'same' conv layer with a selectable implementation (direct, FFT, s2d or patches), Glorot kernel
     + bias."""
 
     features: int
@@ -337,7 +410,9 @@ def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl
     of the FFT path) is done once and the direct path runs a G× wider, much more efficient GEMM
     (predict at 32 px, 10 nets, 2-core CPU: 7,500 → 12,400 particle·region/s).
     x: (B, N, N) images.  kernels: (G, k, k, 1, C), biases: (G, C) — batch norm folded in
-    (`fold_batch_norm`).  impl: "direct" | "fft" | "patches".  Returns (G, B, N//2, N//2, C)."""
+    (`fold_batch_norm`).  impl: "direct" | "fft" | "patches" | "s2d" ("s2d" runs the direct
+    convolution: with G·C output channels XLA vectorises it already, and the space-to-depth view
+    measured 0.9–1.1× of it, 512 images × 42 nets at 24–32 px).  Returns (G, B, N//2, N//2, C)."""
     g, k, _, _, c = kernels.shape
     w = kernels.transpose(1, 2, 3, 0, 4).reshape(k, k, 1, g * c)
     bias = biases.reshape(g * c)
@@ -345,7 +420,7 @@ def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl
         y = max_pool2(conv2d_fft(x[..., None], w, channels_first_out=True) + bias[:, None, None], channels_first=True)
         b, _, h, wd = y.shape
         return nn.relu(y.reshape(b, g, c, h, wd).transpose(1, 0, 3, 4, 2))
-    y = max_pool2(_CONVS[impl](x[..., None], w) + bias)
+    y = max_pool2(_CONVS["direct" if impl == "s2d" else impl](x[..., None], w) + bias)
     b, h, wd, _ = y.shape
     return nn.relu(y.reshape(b, h, wd, g, c).transpose(3, 0, 1, 2, 4))
 
@@ -410,3 +485,4 @@ def _jitted_init(model: RegionCNN, box_px: int):
 def param_count(params) -> int:
     """Number of trainable scalars in a params pytree."""
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
