@@ -209,15 +209,18 @@ def _apply_train(model, params, batch_stats, x, key):
 _EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, 0)  # vmap over regions; the image set is shared
 
 
-def _region_step_body(model: cnn.RegionCNN, lr: float, batch_size: int, max_shift_px: float):
-    """One Adam step of one per-region net on a balanced, augmented batch (not jitted)."""
+def _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, k, batch_size: int, max_shift_px: float):
+    """A step's balanced, augmented batch and its dropout key, from the step key k."""
+    k_batch, k_aug, k_drop = jax.random.split(k, 3)
+    idx, y = balanced_batch(k_batch, pos_idx, n_pos, neg_idx, n_neg, batch_size)
+    return augment_mod.augment(k_aug, images[idx], max_shift_px), y, k_drop
+
+
+def _region_update_body(model: cnn.RegionCNN, lr: float):
+    """One Adam step of one per-region net on a given batch x (B, N, N), targets y (not jitted)."""
     tx = optax.adam(lr)
 
-    def step(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, k):
-        k_batch, k_aug, k_drop = jax.random.split(k, 3)
-        idx, y = balanced_batch(k_batch, pos_idx, n_pos, neg_idx, n_neg, batch_size)
-        x = augment_mod.augment(k_aug, images[idx], max_shift_px)
-
+    def update(params, batch_stats, opt_state, x, y, k_drop):
         def loss_fn(p):
             logits, new_bs = _apply_train(model, p, batch_stats, x, k_drop)
             loss, acc = _bce_acc(logits[:, 0], y)
@@ -227,7 +230,55 @@ def _region_step_body(model: cnn.RegionCNN, lr: float, batch_size: int, max_shif
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_bs, opt_state, loss, acc
 
+    return update
+
+
+def _region_step_body(model: cnn.RegionCNN, lr: float, batch_size: int, max_shift_px: float):
+    """One Adam step of one per-region net on a balanced, augmented batch (not jitted)."""
+    update = _region_update_body(model, lr)
+
+    def step(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, k):
+        x, y, k_drop = _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, k, batch_size, max_shift_px)
+        return update(params, batch_stats, opt_state, x, y, k_drop)
+
     return step
+
+
+# Steps whose batches the loop formulation makes in one call, bounded by _BATCH_GROUP_BYTES.
+_BATCH_GROUP_STEPS = 8
+_BATCH_GROUP_BYTES = 64 * 2**20
+
+
+def _batch_group_steps(batch_size: int, box: int) -> int:
+    return int(max(1, min(_BATCH_GROUP_STEPS, _BATCH_GROUP_BYTES // (4 * batch_size * box * box))))
+
+
+def _pre_batched_epoch(update, make_batches, n_steps: int, group: int):
+    """The loop formulation's epoch: the batches of `group` steps made in one jitted call (the
+    same keys, so the same batches as the fused step), then one jitted update per step.
+
+    Measured on XLA:CPU (2 cores, batch 128, ms per step, medians of 8 alternating rounds): the
+    sampling + augmentation inside the jitted training step cost ~5 ms of a 32-px step (its
+    gathers scheduled among the network's work) against < 0.5 ms on their own: 32 px 25.9 →
+    21.3, 24 px 13.7 → 11.8, 64 px 199 → 202 (equal within noise). Step keys as in
+    `_stepwise_epoch`; the last group is padded with repeated keys (their batches are unused),
+    so one compiled batch maker serves every group."""
+
+    def epoch(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, key):
+        keys = jax.random.split(key, n_steps)
+        losses, accs = [], []
+        for start in range(0, n_steps, group):
+            ks = keys[start : start + group]
+            if ks.shape[0] < group:
+                ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], group - ks.shape[0], axis=0)])
+            xs, ys, kds = make_batches(images, pos_idx, n_pos, neg_idx, n_neg, ks)
+            for i in range(min(group, n_steps - start)):
+                params, batch_stats, opt_state, loss, acc = update(params, batch_stats, opt_state, xs[i], ys[i], kds[i])
+                losses.append(loss)
+                accs.append(acc)
+        return params, batch_stats, opt_state, jnp.stack(losses).mean(), jnp.stack(accs).mean()
+
+    return epoch
 
 
 def _stepwise_epoch(step, n_steps: int, stacked: bool = False):
@@ -258,11 +309,13 @@ _EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, 0)  # vmap over regions; the image 
 
 
 @lru_cache(maxsize=32)
-def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
-    """One epoch of one per-region net, and of R stacked nets (vmapped over regions); jitted steps."""
+def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float, box: int):
+    """One epoch of one per-region net (batches made ahead, `_pre_batched_epoch`), and of R
+    stacked nets (vmapped over regions, batch and update in one jitted step)."""
     step = _region_step_body(model, lr, batch_size, max_shift_px)
-    return (_stepwise_epoch(jax.jit(step), n_steps),
-            _stepwise_epoch(jax.jit(jax.vmap(step, in_axes=_EPOCH_IN_AXES)), n_steps, stacked=True))
+    make = jax.vmap(partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px), in_axes=(None,) * 5 + (0,))
+    one = _pre_batched_epoch(jax.jit(_region_update_body(model, lr)), jax.jit(make), n_steps, _batch_group_steps(batch_size, box))
+    return one, _stepwise_epoch(jax.jit(jax.vmap(step, in_axes=_EPOCH_IN_AXES)), n_steps, stacked=True)
 
 
 @lru_cache(maxsize=32)
@@ -559,7 +612,7 @@ def _train_per_region(train_images, y_train, val_images, y_val, regions, cfg, ke
     tx = optax.adam(cfg.learning_rate)
     n_steps = math.ceil(cfg.images_per_region / cfg.batch_size)
     max_shift_px = float(cfg.max_shift_frac * box)
-    epoch_one, epoch_many = _region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px)
+    epoch_one, epoch_many = _region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px, box)
     logits_fn = _logits_fn(model)
     n_train = y_train.size
 
