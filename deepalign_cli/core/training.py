@@ -314,7 +314,8 @@ def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: 
     stacked nets (vmapped over regions, batch and update in one jitted step)."""
     step = _region_step_body(model, lr, batch_size, max_shift_px)
     make = jax.vmap(partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px), in_axes=(None,) * 5 + (0,))
-    one = _pre_batched_epoch(jax.jit(_region_update_body(model, lr)), jax.jit(make), n_steps, _batch_group_steps(batch_size, box))
+    group = min(n_steps, _batch_group_steps(batch_size, box))
+    one = _pre_batched_epoch(jax.jit(_region_update_body(model, lr)), jax.jit(make), n_steps, group)
     return one, _stepwise_epoch(jax.jit(jax.vmap(step, in_axes=_EPOCH_IN_AXES)), n_steps, stacked=True)
 
 
