@@ -104,7 +104,7 @@ def jax_train_rate(box, n_steps, cfg, impls=None, model_kind="per_region"):
         members = jnp.asarray(np.stack([np.flatnonzero(labels == r)[:12] for r in range(N_REGIONS)]).astype(np.int32))
         args = (members, jnp.full(N_REGIONS, 12, jnp.int32), jnp.asarray(labels.astype(np.int32)), jnp.arange(N_REGIONS, dtype=jnp.int32))
     else:
-        fn = training._region_epoch_fn(model, cfg.learning_rate, n_steps, cfg.batch_size, cfg.max_shift_frac * box, box)[0]
+        fn = training._region_epoch_fn(model, cfg.learning_rate, n_steps, cfg.batch_size, cfg.max_shift_frac * box)[0]
         pos, neg = np.flatnonzero(labels == 0), np.flatnonzero(labels != 0)
         args = (jnp.asarray(training._padded(pos, 512)), jnp.int32(pos.size), jnp.asarray(training._padded(neg, 512)), jnp.int32(neg.size))
     jax.block_until_ready(fn(v["params"], v["batch_stats"], opt, imgs, *args, jax.random.key(1)))  # compile + warm

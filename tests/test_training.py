@@ -223,10 +223,37 @@ def test_pre_batched_epoch_equals_the_fused_step_epoch():
     data = (images, pos, jnp.int32(10), neg, jnp.int32(30), jax.random.key(2))
     fused = training._stepwise_epoch(jax.jit(training._region_step_body(model, 1e-3, batch, 1.0)), n_steps)
     make = jax.vmap(partial(training._region_batch, batch_size=batch, max_shift_px=1.0), in_axes=(None,) * 5 + (0,))
-    ahead = training._pre_batched_epoch(jax.jit(training._region_update_body(model, 1e-3)), jax.jit(make), n_steps, 2)
+    ahead = training._pre_batched_epoch(jax.jit(training._region_update_body(model, 1e-3)), jax.jit(make), n_steps, batch, 2)
     a = fused(v["params"], v["batch_stats"], opt, *data)
     b = ahead(v["params"], v["batch_stats"], opt, *data)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     changed = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda p, q: float(jnp.abs(p - q).max()), v["params"], b[0]))
     assert max(changed) > 1e-4  # the steps did update the net
+
+
+def test_shared_trunk_pre_batched_epoch_equals_the_fused_step_epoch():
+    box, n_steps, batch, heads = 16, 3, 8, 3
+    cfg = TrainConfig(batch_size=batch, model="shared_trunk")
+    model = cnn.build_model(cnn.architecture(cfg, box, heads), "auto")
+    v = training.init_region_params(jax.random.key(0), cfg, box, heads)[0]
+    opt = optax.adam(1e-3).init(v["params"])
+    images = jax.random.normal(jax.random.key(1), (30, box, box))
+    labels = jnp.arange(30, dtype=jnp.int32) % heads
+    members = jnp.stack([jnp.flatnonzero(labels == h, size=10) for h in range(heads)]).astype(jnp.int32)
+    data = (images, members, jnp.full(heads, 10, jnp.int32), labels, jnp.arange(heads, dtype=jnp.int32), jax.random.key(2))
+    update = training._shared_update_body(model, 1e-3, "one_vs_rest")
+
+    def fused_step(params, batch_stats, opt_state, *rest):
+        *d, k = rest
+        return update(params, batch_stats, opt_state, *training._shared_batch(*d, k, batch_size=batch, max_shift_px=1.0))
+
+    a = training._stepwise_epoch(jax.jit(fused_step), n_steps)(v["params"], v["batch_stats"], opt, *data)
+    b = training._shared_epoch_fn(model, 1e-3, n_steps, batch, 1.0)(v["params"], v["batch_stats"], opt, *data)
+    assert b[3].shape == (heads,)  # per-head training loss
+    # Adam's steps are ~lr (1e-3) per parameter whatever the gradient's size, so a different batch
+    # would move parameters by ~1e-3; float32 rounding of near-zero gradients moves a few by ~1e-5.
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5)
+    moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda p, q: float(jnp.abs(p - q).max()), v["params"], b[0]))
+    assert max(moved) > 1e-3

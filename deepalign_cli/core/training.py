@@ -253,7 +253,7 @@ def _batch_group_steps(batch_size: int, box: int) -> int:
     return int(max(1, min(_BATCH_GROUP_STEPS, _BATCH_GROUP_BYTES // (4 * batch_size * box * box))))
 
 
-def _pre_batched_epoch(update, make_batches, n_steps: int, group: int):
+def _pre_batched_epoch(update, make_batches, n_steps: int, batch_size: int, group: int | None = None):
     """The loop formulation's epoch: the batches of `group` steps made in one jitted call (the
     same keys, so the same batches as the fused step), then one jitted update per step.
 
@@ -262,21 +262,26 @@ def _pre_batched_epoch(update, make_batches, n_steps: int, group: int):
     gathers scheduled among the network's work) against < 0.5 ms on their own: 32 px 25.9 →
     21.3, 24 px 13.7 → 11.8, 64 px 199 → 202 (equal within noise). Step keys as in
     `_stepwise_epoch`; the last group is padded with repeated keys (their batches are unused),
-    so one compiled batch maker serves every group."""
+    so one compiled batch maker serves every group. group: default `_batch_group_steps` of the
+    images' box, at most n_steps. make_batches(*data, keys) -> (xs, ys, dropout keys), one per
+    key; update(params, batch_stats, opt_state, x, y, k_drop) -> (…, loss, acc); the epoch's
+    loss/acc are the means over steps (per head for the shared trunk)."""
 
-    def epoch(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, key):
+    def epoch(params, batch_stats, opt_state, *rest):
+        *data, key = rest
+        g = group or min(n_steps, _batch_group_steps(batch_size, data[0].shape[-1]))
         keys = jax.random.split(key, n_steps)
         losses, accs = [], []
-        for start in range(0, n_steps, group):
-            ks = keys[start : start + group]
-            if ks.shape[0] < group:
-                ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], group - ks.shape[0], axis=0)])
-            xs, ys, kds = make_batches(images, pos_idx, n_pos, neg_idx, n_neg, ks)
-            for i in range(min(group, n_steps - start)):
+        for start in range(0, n_steps, g):
+            ks = keys[start : start + g]
+            if ks.shape[0] < g:
+                ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], g - ks.shape[0], axis=0)])
+            xs, ys, kds = make_batches(*data, ks)
+            for i in range(min(g, n_steps - start)):
                 params, batch_stats, opt_state, loss, acc = update(params, batch_stats, opt_state, xs[i], ys[i], kds[i])
                 losses.append(loss)
                 accs.append(acc)
-        return params, batch_stats, opt_state, jnp.stack(losses).mean(), jnp.stack(accs).mean()
+        return params, batch_stats, opt_state, jnp.stack(losses).mean(0), jnp.stack(accs).mean(0)
 
     return epoch
 
@@ -309,13 +314,12 @@ _EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, 0)  # vmap over regions; the image 
 
 
 @lru_cache(maxsize=32)
-def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float, box: int):
+def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
     """One epoch of one per-region net (batches made ahead, `_pre_batched_epoch`), and of R
     stacked nets (vmapped over regions, batch and update in one jitted step)."""
     step = _region_step_body(model, lr, batch_size, max_shift_px)
     make = jax.vmap(partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px), in_axes=(None,) * 5 + (0,))
-    group = min(n_steps, _batch_group_steps(batch_size, box))
-    one = _pre_batched_epoch(jax.jit(_region_update_body(model, lr)), jax.jit(make), n_steps, group)
+    one = _pre_batched_epoch(jax.jit(_region_update_body(model, lr)), jax.jit(make), n_steps, batch_size)
     return one, _stepwise_epoch(jax.jit(jax.vmap(step, in_axes=_EPOCH_IN_AXES)), n_steps, stacked=True)
 
 
@@ -331,20 +335,31 @@ def _region_epoch_sharded_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batc
 
 @lru_cache(maxsize=32)
 def _shared_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float, loss_kind: str = "one_vs_rest"):
-    """One epoch of the shared-trunk net (jitted steps). Batches stratified over labels.
+    """One epoch of the shared-trunk net: batches stratified over labels, made ahead in groups of
+    steps as for the per-region nets (`_pre_batched_epoch`), then one jitted update per step.
 
     loss_kind "one_vs_rest": mean over heads of the balanced BCE; "softmax": mean softmax cross-entropy
     over the heads (every sampled label must have a head). Returns per-head (H,) train loss/acc."""
+    make = jax.vmap(partial(_shared_batch, batch_size=batch_size, max_shift_px=max_shift_px), in_axes=(None,) * 5 + (0,))
+    return _pre_batched_epoch(jax.jit(_shared_update_body(model, lr, loss_kind)), jax.jit(make), n_steps, batch_size)
+
+
+def _shared_batch(images, members, counts, img_labels, head_regions, k, batch_size: int, max_shift_px: float):
+    """A shared-trunk step's batch (labels drawn uniformly, then a member of each), its (B, H)
+    targets and dropout key, from the step key k."""
+    n_labels = members.shape[0]
+    k_lab, k_img, k_aug, k_drop = jax.random.split(k, 4)
+    lab = jax.random.randint(k_lab, (batch_size,), 0, n_labels)
+    idx = members[lab, jax.random.randint(k_img, (batch_size,), 0, counts[lab])]
+    y = (img_labels[idx][:, None] == head_regions[None, :]).astype(jnp.float32)
+    return augment_mod.augment(k_aug, images[idx], max_shift_px), y, k_drop
+
+
+def _shared_update_body(model: cnn.RegionCNN, lr: float, loss_kind: str):
+    """One Adam step of the shared-trunk net on a given batch (not jitted)."""
     tx = optax.adam(lr)
 
-    def step(params, batch_stats, opt_state, images, members, counts, img_labels, head_regions, k):
-        n_labels = members.shape[0]
-        k_lab, k_img, k_aug, k_drop = jax.random.split(k, 4)
-        lab = jax.random.randint(k_lab, (batch_size,), 0, n_labels)
-        idx = members[lab, jax.random.randint(k_img, (batch_size,), 0, counts[lab])]
-        y = (img_labels[idx][:, None] == head_regions[None, :]).astype(jnp.float32)
-        x = augment_mod.augment(k_aug, images[idx], max_shift_px)
-
+    def update(params, batch_stats, opt_state, x, y, k_drop):
         def loss_fn(p):
             logits, new_bs = _apply_train(model, p, batch_stats, x, k_drop)
             if loss_kind == "softmax":
@@ -357,7 +372,7 @@ def _shared_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: 
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_bs, opt_state, loss, acc
 
-    return _stepwise_epoch(jax.jit(step), n_steps)
+    return update
 
 
 def _softmax_per_head(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -613,7 +628,7 @@ def _train_per_region(train_images, y_train, val_images, y_val, regions, cfg, ke
     tx = optax.adam(cfg.learning_rate)
     n_steps = math.ceil(cfg.images_per_region / cfg.batch_size)
     max_shift_px = float(cfg.max_shift_frac * box)
-    epoch_one, epoch_many = _region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px, box)
+    epoch_one, epoch_many = _region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px)
     logits_fn = _logits_fn(model)
     n_train = y_train.size
 
