@@ -94,7 +94,7 @@ def kernel_sizes(box_px: int, fractions: Sequence[float]) -> tuple[int, ...]:
 
 
 def conv_impls_for(kernels: Sequence[int], conv_impl: str, backend: str | None = None) -> tuple[str, ...]:
-    """Per-layer convolution implementation: "direct" or "fft".
+    """Per-layer convolution implementation: "direct", "fft", "s2d" or "patches".
 
     conv_impl: "direct", "fft", "patches", "s2d" (every layer) or "auto": on CPU the first layer
     (one input channel) "s2d" for kernels of `S2D_MIN_KERNEL_CPU`–`S2D_MAX_KERNEL_CPU` px, and
@@ -485,4 +485,3 @@ def _jitted_init(model: RegionCNN, box_px: int):
 def param_count(params) -> int:
     """Number of trainable scalars in a params pytree."""
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-
