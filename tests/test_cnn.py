@@ -166,7 +166,11 @@ def test_auto_uses_fft_for_large_kernels_and_s2d_for_the_first_layer_on_cpu():
     assert cnn.conv_impls_for((10, 3, 3), "auto", "cpu") == ("s2d", "direct", "direct")
     assert cnn.conv_impls_for((16, 4, 3), "auto", "cpu") == ("s2d", "direct", "direct")
     assert cnn.conv_impls_for((4, 3, 3), "auto", "cpu") == ("direct",) * 3
-    assert cnn.conv_impls_for((40, 12, 6), "auto", "gpu") == ("direct",) * 3
+    # accelerators: every layer FFT once a kernel reaches 12 px (the grouped cuDNN convolution
+    # that vmapped nets make was unusable at 120 px on an H100), else direct
+    assert cnn.conv_impls_for((40, 12, 6), "auto", "gpu") == ("fft",) * 3
+    assert cnn.conv_impls_for((21, 6, 3), "auto", "gpu") == ("fft",) * 3
+    assert cnn.conv_impls_for((11, 3, 3), "auto", "gpu") == ("direct",) * 3
     assert cnn.conv_impls_for((10, 3, 3), "auto", "gpu") == ("direct",) * 3
     assert cnn.conv_impls_for((10, 3, 3), "s2d", "cpu") == ("s2d",) * 3
 

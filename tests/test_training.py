@@ -118,6 +118,31 @@ def test_predict_probs_shape_range_and_loop_equals_vmap():
     np.testing.assert_allclose(loop, vmap, rtol=1e-4, atol=1e-5)
 
 
+def test_vmap_chunk_fits_the_device_memory():
+    # H100 (JAX's pool 60 GiB), 120 px, 42 FFT nets: 512 images ran out of memory, 256 ran
+    h100 = 60 * 2**30
+    assert 128 <= training.vmap_chunk_size(512, 120, 16, 42, h100) < 256
+    assert training.vmap_chunk_size(512, 64, 16, 42, h100) == 512
+    assert 1 <= training.vmap_chunk_size(512, 314, 16, 42, h100) < 40  # the spike case
+    assert training.vmap_chunk_size(512, 120, 16, 42, None) == 512  # CPU: no device limit reported
+    assert training.vmap_chunk_size(512, 120, 16, 42, 1) == 1
+
+
+def test_predict_vmap_chunks_by_device_memory_and_equals_the_loop(monkeypatch):
+    images, labels = _data()
+    models = training.train_regions(images, labels, [0, 1, 2], TrainConfig(**{**TINY, "epochs": 1}), jax.random.key(0))
+    loop = training.predict_probs(models, images[:37], batch_size=16, region_parallel="loop")
+    box = images.shape[1]
+    # a device that holds the 3 nets' activations for 5 images
+    monkeypatch.setattr(training.devices, "memory_bytes", lambda: int(5.5 * 3 * box * box * TINY["conv_filters"][0] * 32 / 0.8))
+    seen = []
+    real = training._chunked_logits
+    monkeypatch.setattr(training, "_chunked_logits", lambda fn, v, x, bs: seen.append(bs) or real(fn, v, x, bs))
+    vmap = training.predict_probs(models, images[:37], batch_size=16, region_parallel="vmap")
+    assert seen == [5]
+    np.testing.assert_allclose(loop, vmap, rtol=1e-4, atol=1e-5)
+
+
 def test_predict_shared_first_layer_equals_loop_with_padded_groups(monkeypatch):
     images, labels = _data()
     models = training.train_regions(images, labels, [0, 1, 2], TrainConfig(**{**TINY, "epochs": 1}), jax.random.key(0))

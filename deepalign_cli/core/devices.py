@@ -42,6 +42,16 @@ def device_count() -> int:
     return len(jax.devices())
 
 
+def memory_bytes() -> int | None:
+    """The allocator's limit on the first device, in bytes (on a GPU JAX's pool, by default 75 %
+    of the card), or None where the backend does not report one (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
 @lru_cache(maxsize=8)
 def _mesh(axis_name: str, devices: tuple) -> Mesh:
     return Mesh(np.array(devices, dtype=object), (axis_name,))

@@ -1,0 +1,273 @@
+"""GPU figures in one short run (issue 9, and the GPU targets of #4): training image-steps/s over
+all 42 regions, prediction particle·region/s, each with XLA's FLOP count against the card's
+measured matmul ceilings (float32 at default and highest precision, bfloat16).
+
+    python benchmarks/gpu.py --out results/gpu.json [--boxes 120 64] [--regions 42] [--align]
+
+Training: the vmapped formulation that `deepalign train` runs off CPU (all regions' nets stacked,
+each region its own balanced, augmented batch of 128, one jitted step per batch), for every
+`--train-impls` conv implementation; also one region alone (the paper trains region after
+region) and the shared-trunk net. Prediction: `predict_probs` with the stacked nets ("vmap",
+what "auto" picks on an accelerator) at several chunk sizes, and the loop. Compilation is timed
+apart (first call) and excluded from the rates. Every section runs in its own process, killed
+after `--section-timeout` s, and none starts after `--budget` s; each is written to the JSON as
+soon as it ends, and one that fails or hangs records that instead of stopping the run — the
+device lease is 15 minutes, and the first run lost 7 of them to one stuck convolution. Random images, random nets:
+speed only (accuracy is the CPU benchmarks' and the tests' business).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_predict import jax_predict_rate, jax_train_rate, train_step_flops, predict_flops_per_image  # noqa: E402
+
+from deepalign_cli.config import TrainConfig  # noqa: E402
+from deepalign_cli.core import cnn, training  # noqa: E402
+
+
+def matmul_tflops(size: int, dtype, precision=None, reps: int = 10) -> float:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+    f = jax.jit(lambda x: jnp.matmul(x, x, precision=precision))
+    jax.block_until_ready(f(a))
+    t = time.perf_counter()
+    for _ in range(reps):
+        r = f(a)
+    jax.block_until_ready(r)
+    return reps * 2 * size**3 / (time.perf_counter() - t) / 1e12
+
+
+def _stacked_data(n_regions: int, box: int, n_images: int = 2048, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.standard_normal((n_images, box, box)).astype(np.float32))
+    labels = np.arange(n_images) % n_regions
+    cols = [[], [], [], []]
+    for r in range(n_regions):
+        pos, neg = np.flatnonzero(labels == r), np.flatnonzero(labels != r)
+        for i, v in enumerate((training._padded(pos, n_images), pos.size, training._padded(neg, n_images), neg.size)):
+            cols[i].append(v)
+    return images, [jnp.asarray(np.stack(c).astype(np.int32)) for c in cols]
+
+
+def train_vmap(box: int, n_regions: int, n_steps: int, impl: str, cfg: TrainConfig) -> dict:
+    """image-steps/s of all n_regions nets trained together (the accelerator's formulation).
+    impl: a conv implementation, optionally "+tf32" or "+bf16" (run under that
+    `jax.default_matmul_precision`: convolutions and matmuls in that input precision)."""
+    impl, _, precision = impl.partition("+")
+    if precision:
+        with jax.default_matmul_precision({"tf32": "tensorfloat32", "bf16": "bfloat16"}[precision]):
+            r = train_vmap(box, n_regions, n_steps, impl, cfg)
+        r["precision"] = precision
+        return r
+    model = cnn.build_model(cnn.architecture(cfg, box, 1), impl)
+    variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
+    tx = optax.adam(cfg.learning_rate)
+    stack = lambda name, vs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *vs)
+    params = stack("params", [v["params"] for v in variables])
+    bstats = stack("batch_stats", [v["batch_stats"] for v in variables])
+    opt = jax.vmap(tx.init)(params)
+    images, data = _stacked_data(n_regions, box)
+    epoch = training._region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, float(cfg.max_shift_frac * box))[1]
+    keys = jax.random.split(jax.random.key(1), n_regions)
+    t = time.perf_counter()
+    out = epoch(params, bstats, opt, images, *data, keys)
+    jax.block_until_ready(out)
+    first = time.perf_counter() - t
+    times = []
+    for rep in range(2):
+        keys = jax.random.split(jax.random.key(2 + rep), n_regions)
+        t = time.perf_counter()
+        out = epoch(out[0], out[1], out[2], images, *data, keys)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    rate = n_regions * n_steps * cfg.batch_size / best
+    return {"impl": impl, "conv_impls": list(model.conv_impls), "regions": n_regions, "steps": n_steps, "first_call_s": first,
+            "epoch_s": times, "image_steps_per_s": rate, "ms_per_step": 1e3 * best / n_steps,
+            "finite": bool(np.isfinite(np.asarray(out[3])).all())}
+
+
+def conv_layers(box: int, n_regions: int, cfg: TrainConfig, reps: int = 5) -> dict:
+    """ms of each conv layer's forward + both gradients at batch 128: the vmapped (grouped over
+    regions, each its own images and weights) form against one ungrouped conv on all the images
+    (one set of weights): the price of the grouped convolutions that vmapping nets makes."""
+    kernels = cnn.kernel_sizes(box, cfg.kernel_fractions)
+    chans = (1, *cfg.conv_filters)
+    res, size = {}, box
+    rng = np.random.default_rng(0)
+    for i, k in enumerate(kernels):
+        cin, cout = chans[i], chans[i + 1]
+        x = jnp.asarray(rng.standard_normal((n_regions, cfg.batch_size, size, size, cin)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((n_regions, k, k, cin, cout)) * 0.01, jnp.float32)
+        loss = lambda x, w: jnp.sum(cnn.conv2d_direct(x, w) ** 2)
+        grouped = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
+        flat = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        xf = x.reshape((-1,) + x.shape[2:])
+        row = {"kernel": k, "cin": cin, "cout": cout, "size": size}
+        for name, f, args in (("grouped_ms", grouped, (x, w)), ("one_conv_ms", flat, (xf, w[0]))):
+            jax.block_until_ready(f(*args))
+            t = time.perf_counter()
+            for _ in range(reps):
+                r = f(*args)
+            jax.block_until_ready(r)
+            row[name] = 1e3 * (time.perf_counter() - t) / reps
+        res[f"layer{i}"] = row
+        size //= 2
+    return res
+
+
+def _predict(box, n, cfg, parallel, bs, n_regions):
+    import train_predict
+
+    train_predict.N_REGIONS = n_regions
+    return jax_predict_rate(box, n, cfg, parallel, bs)
+
+
+def _align(a) -> dict:
+    dest = a.out.parent / "align_gpu.json"
+    p = subprocess.run([sys.executable, str(Path(__file__).parent / "align.py"), "--sizes", "120", "--settings", "pairs",
+                        "--out", str(dest)], capture_output=True, text=True)
+    return {"rc": p.returncode, "stdout": p.stdout[-4000:], "stderr": p.stderr[-2000:]}
+
+
+def sections(a, cfg: TrainConfig) -> dict:
+    """name -> zero-argument function, in the order they run."""
+    if a.predict_impl != "auto":  # predict_probs builds its nets with "auto"
+        build = cnn.build_model
+        cnn.build_model = lambda arch, conv_impl="auto", backend=None: build(arch, a.predict_impl if conv_impl == "auto" else conv_impl, backend)
+    n = a.matmul_size
+    todo = {"matmul_tflops": lambda: {
+        "size": n, "f32_default": matmul_tflops(n, jnp.float32), "f32_highest": matmul_tflops(n, jnp.float32, jax.lax.Precision.HIGHEST, 3),
+        "bf16": matmul_tflops(n, jnp.bfloat16)}}
+    for bi, box in enumerate(a.boxes):
+        first = bi == 0
+        if "flops" not in a.skip:  # XLA:GPU's cost analysis leaves out cuDNN convolutions: take CPU's
+            todo[f"flops_{box}"] = lambda box=box: {
+                "kernels": list(cnn.kernel_sizes(box, cfg.kernel_fractions)),
+                "train_step_gflop_per_region": train_step_flops(box, cfg, ("direct",) * 3) / 1e9,
+                "predict_mflop_per_image": predict_flops_per_image(box, cfg) / 1e6}
+        if first and a.conv_layers:
+            todo[f"conv_layers_{box}"] = lambda box=box: conv_layers(box, a.regions, cfg)
+        for impl in a.train_impls if first else a.train_impls[:1]:
+            todo[f"train_vmap_{box}_{impl}"] = lambda box=box, impl=impl: train_vmap(box, a.regions, a.steps, impl, cfg)
+        if "one_region" not in a.skip:
+            todo[f"train_one_region_{box}"] = lambda box=box: {"image_steps_per_s": jax_train_rate(box, a.steps * 4, cfg)}
+        if "shared_trunk" not in a.skip:
+            todo[f"train_shared_trunk_{box}"] = lambda box=box: {
+                "image_steps_per_s": jax_train_rate(box, a.steps * 4, cfg, model_kind="shared_trunk")}
+        for bs in a.predict_batches if first else a.predict_batches[1:2]:
+            todo[f"predict_vmap_{box}_b{bs}"] = lambda box=box, bs=bs: {
+                "particle_regions_per_s": _predict(box, a.predict_n, cfg, "vmap", bs, a.regions)}
+        if "loop" not in a.skip:
+            todo[f"predict_loop_{box}"] = lambda box=box: {
+                "particle_regions_per_s": _predict(box, a.predict_n // 4, cfg, "loop", 512, a.regions)}
+        if first and a.align:
+            todo["align_120_pairs"] = lambda: _align(a)
+    return todo
+
+
+def run_one(fn) -> dict:
+    t = time.perf_counter()
+    try:
+        r = fn()
+    except Exception as e:  # a failed section is recorded, the run goes on
+        r = {"error": f"{type(e).__name__}: {e}"[:2000], "trace": traceback.format_exc()[-3000:]}
+    r["section_s"] = round(time.perf_counter() - t, 1)
+    return r
+
+
+def run_isolated(name: str, timeout: float) -> dict:
+    """One section in its own process (this script with --section), killed after `timeout` s: a
+    section that hangs (run 1: a grouped convolution's autotuning) costs its timeout, not the lease."""
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, *sys.argv, "--section", name], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s", "section_s": round(time.perf_counter() - t, 1)}
+    for line in p.stdout.splitlines():
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT):])
+    return {"error": f"exit {p.returncode}, no result", "stderr": p.stderr[-3000:], "section_s": round(time.perf_counter() - t, 1)}
+
+
+_RESULT = "RESULT "
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--boxes", type=int, nargs="+", default=[120, 64])
+    ap.add_argument("--regions", type=int, default=42)
+    ap.add_argument("--steps", type=int, default=4, help="training steps per timed epoch")
+    ap.add_argument("--train-impls", nargs="+", default=["auto", "fft"],
+                    help="conv implementations (optionally +tf32 / +bf16) for the first box; the other boxes time the first only")
+    ap.add_argument("--predict-n", type=int, default=8192)
+    ap.add_argument("--predict-batches", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--predict-impl", default="auto", help="conv implementation of the nets in predict")
+    ap.add_argument("--matmul-size", type=int, default=8192)
+    ap.add_argument("--conv-layers", action="store_true", help="time each conv layer grouped (vmapped) vs one conv")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: flops one_region shared_trunk loop")
+    ap.add_argument("--align", action="store_true", help="also benchmarks/align.py --sizes 120 --settings pairs (subprocess)")
+    ap.add_argument("--section-timeout", type=float, default=120, help="seconds before a section's process is killed")
+    ap.add_argument("--budget", type=float, default=480, help="seconds after which no further section starts")
+    ap.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one section, print its result
+    a = ap.parse_args()
+    cfg = TrainConfig()
+    todo = sections(a, cfg)
+    if a.section:
+        print(_RESULT + json.dumps(run_one(todo[a.section]), default=float), flush=True)
+        return
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "devices": [str(d) for d in jax.devices()],
+           "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+           "host": platform.machine(), "argv": sys.argv[1:]}
+    print(json.dumps(out), flush=True)
+    t0 = time.perf_counter()
+    for name in todo:
+        left = a.budget - (time.perf_counter() - t0)
+        if left < 5:
+            out[name] = {"error": "not run: --budget spent"}
+            continue
+        out[name] = run_isolated(name, min(a.section_timeout, left))
+        print(f"== {name}: {json.dumps(out[name], default=float)[:1500]}", flush=True)
+        tmp = a.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=float))
+        tmp.replace(a.out)
+    out["achieved"] = achieved(out, a.boxes, cfg)
+    print("== achieved:", json.dumps(out["achieved"], default=float), flush=True)
+    tmp = a.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1, default=float))
+    tmp.replace(a.out)
+
+
+def achieved(out: dict, boxes, cfg: TrainConfig) -> dict:
+    """TFLOP/s of each measured rate, counting the direct convolutions' FLOP (flops_<box>)."""
+    summary = {}
+    for box in boxes:
+        f = out.get(f"flops_{box}", {})
+        for key, val in out.items():
+            if not isinstance(val, dict) or "error" in val or not key.startswith((f"train_vmap_{box}_", f"predict_vmap_{box}_")):
+                continue
+            if key.startswith("train") and "train_step_gflop_per_region" in f:
+                summary[key] = val["image_steps_per_s"] / cfg.batch_size * f["train_step_gflop_per_region"] / 1e3
+            elif key.startswith("predict") and "predict_mflop_per_image" in f:
+                summary[key] = val["particle_regions_per_s"] * f["predict_mflop_per_image"] / 1e6
+    return summary
+
+
+if __name__ == "__main__":
+    main()
