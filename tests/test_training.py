@@ -75,6 +75,38 @@ def test_vmapped_regions_match_the_region_loop():
     assert np.max(np.abs(p_loop - p_vmap)) < 0.025 * np.max(np.abs(p_loop - 0.5))
 
 
+def test_vmap_region_groups_fit_the_device_memory():
+    h100 = 60 * 2**30  # JAX's pool on an H100: 42 regions at 120 px ran together there
+    assert training.vmap_region_groups(range(42), 128, 120, 16, h100) == [list(range(42))]
+    groups = training.vmap_region_groups(range(42), 128, 314, 16, h100)  # the spike box: 7 fit
+    assert [len(g) for g in groups] == [7] * 6 and sum(groups, []) == list(range(42))
+    assert training.vmap_region_groups(range(5), 128, 120, 16, None) == [list(range(5))]  # CPU: no limit
+    assert training.vmap_region_groups([3, 8, 9], 128, 120, 16, 1) == [[3], [8], [9]]
+    assert training.vmap_region_groups([], 128, 120, 16, h100) == []
+
+
+def test_vmapped_training_in_region_groups_equals_one_group(monkeypatch):
+    images, labels = _data()
+    cfg = TrainConfig(**TINY, region_parallel="vmap")
+    together = training.train_regions(images, labels, [0, 1, 2], cfg, jax.random.key(5))
+    box = images.shape[1]
+    # room for 2 regions' steps: groups [0, 1] and [2]
+    monkeypatch.setattr(training.devices, "memory_bytes", lambda: int(2.5 * TINY["batch_size"] * box * box * TINY["conv_filters"][0] * 32 / 0.8))
+    calls = []
+    real = training._region_epoch_fn
+
+    def spy(*a, **k):
+        one, many = real(*a, **k)
+        return one, lambda params, *rest: calls.append(jax.tree_util.tree_leaves(params)[0].shape[0]) or many(params, *rest)
+
+    monkeypatch.setattr(training, "_region_epoch_fn", spy)
+    grouped = training.train_regions(images, labels, [0, 1, 2], cfg, jax.random.key(5))
+    assert calls == [2, 1] * TINY["epochs"]
+    for r in (0, 1, 2):
+        assert [h["train_loss"] for h in grouped[r]["history"]] == pytest.approx([h["train_loss"] for h in together[r]["history"]], rel=1e-4)
+    np.testing.assert_allclose(training.predict_probs(grouped, images, 32), training.predict_probs(together, images, 32), atol=2e-3)
+
+
 def test_same_seed_gives_identical_params_and_other_seed_differs():
     images, labels = _data()
     cfg = TrainConfig(**TINY)

@@ -652,23 +652,26 @@ def _train_per_region(train_images, y_train, val_images, y_val, regions, cfg, ke
         todo = [r for r in regions if not states[r]["stopped"] and states[r]["epoch"] < epoch]
         if not todo:
             break
-        if use_vmap and mesh is None:
-            stack = lambda name: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[states[r][name] for r in todo])
-            args = [jnp.stack([data[r][i] for r in todo]) for i in range(4)]
-            keys = jnp.stack([_epoch_key(key, r, epoch) for r in todo])
-            out = epoch_many(stack("params"), stack("batch_stats"), stack("opt_state"), train_images, *args, keys)
-            outs = {r: jax.tree_util.tree_map(lambda a, i=i: a[i], out) for i, r in enumerate(todo)}
-        elif use_vmap:  # several devices: region axis padded to a multiple of them and split
-            padded = todo + [todo[0]] * (devices.pad_to_multiple(len(todo), devices.mesh_size(mesh)) - len(todo))
-            shard = lambda t: devices.shard_leading(t, mesh, devices.REGION_AXIS)
-            stack = lambda name: shard(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[states[r][name] for r in padded]))
-            args = [shard(jnp.stack([data[r][i] for r in padded])) for i in range(4)]
-            keys = shard(jnp.stack([_epoch_key(key, r, epoch) for r in padded]))
-            out = epoch_sharded(stack("params"), stack("batch_stats"), stack("opt_state"), images_rep, *args, keys)
-            # gathered to the host and back onto the default device, uncommitted like the
-            # single-device results (per-region arrays of different devices could not be stacked)
-            out = jax.tree_util.tree_map(jnp.asarray, jax.device_get(out))
-            outs = {r: jax.tree_util.tree_map(lambda a, i=i: a[i], out) for i, r in enumerate(todo)}
+        outs = {}
+        groups = vmap_region_groups(todo, cfg.batch_size, box, model.conv_filters[0], devices.memory_bytes(),
+                                    devices.mesh_size(mesh)) if use_vmap else []
+        for group in groups:  # regions whose stacked nets fit the device(s) together
+            if mesh is None:
+                stack = lambda name: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[states[r][name] for r in group])
+                args = [jnp.stack([data[r][i] for r in group]) for i in range(4)]
+                keys = jnp.stack([_epoch_key(key, r, epoch) for r in group])
+                out = epoch_many(stack("params"), stack("batch_stats"), stack("opt_state"), train_images, *args, keys)
+            else:  # several devices: region axis padded to a multiple of them and split
+                padded = group + [group[0]] * (devices.pad_to_multiple(len(group), devices.mesh_size(mesh)) - len(group))
+                shard = lambda t: devices.shard_leading(t, mesh, devices.REGION_AXIS)
+                stack = lambda name: shard(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[states[r][name] for r in padded]))
+                args = [shard(jnp.stack([data[r][i] for r in padded])) for i in range(4)]
+                keys = shard(jnp.stack([_epoch_key(key, r, epoch) for r in padded]))
+                out = epoch_sharded(stack("params"), stack("batch_stats"), stack("opt_state"), images_rep, *args, keys)
+                # gathered to the host and back onto the default device, uncommitted like the
+                # single-device results (per-region arrays of different devices could not be stacked)
+                out = jax.tree_util.tree_map(jnp.asarray, jax.device_get(out))
+            outs.update({r: jax.tree_util.tree_map(lambda a, i=i: a[i], out) for i, r in enumerate(group)})
         for r in todo:
             t0 = time.perf_counter()
             if use_vmap:
@@ -828,6 +831,23 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
 # cuFFT work area (≈ 5.5 B) on top: 256 ran, 512 and 1,024 ran out of memory. 32 B is ~2× that.
 _VMAP_BYTES_PER_PX_CHANNEL = 32
 _VMAP_DEVICE_FRACTION = 0.8
+
+
+def vmap_region_groups(regions: Sequence[int], batch_size: int, box: int, first_channels: int, device_bytes: int | None,
+                       n_devices: int = 1) -> list[list[int]]:
+    """The regions cut into as few groups of near-equal size as keep each group's stacked training
+    step (batch_size images per region) within `_VMAP_DEVICE_FRACTION` of each device's memory, at
+    `_VMAP_BYTES_PER_PX_CHANNEL` (XLA:CPU's buffer assignment of this step needs 16.8 B at 120 px,
+    cuFFT's work area ~5.5 B more). One group where the backend reports no limit; 42 regions at
+    120 px on an H100 (measured to run together) stay one group."""
+    regions = list(regions)
+    if not device_bytes or not regions:
+        return [regions] if regions else []
+    per_region = batch_size * box * box * first_channels * _VMAP_BYTES_PER_PX_CHANNEL
+    fit = max(1, int(_VMAP_DEVICE_FRACTION * device_bytes // per_region)) * max(1, n_devices)
+    n_groups = math.ceil(len(regions) / fit)
+    size = math.ceil(len(regions) / n_groups)
+    return [regions[i : i + size] for i in range(0, len(regions), size)]
 
 
 def vmap_chunk_size(batch_size: int, box: int, first_channels: int, n_nets: int, device_bytes: int | None) -> int:
