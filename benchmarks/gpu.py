@@ -65,7 +65,8 @@ def _stacked_data(n_regions: int, box: int, n_images: int = 2048, seed: int = 0)
 
 def train_vmap(box: int, n_regions: int, n_steps: int, impl: str, cfg: TrainConfig) -> dict:
     """image-steps/s of all n_regions nets trained together (the accelerator's formulation).
-    impl: a conv implementation, optionally "+tf32" or "+bf16" (run under that
+    impl: a conv implementation for every layer or one per layer ("fft/fft/direct"), optionally
+    "+tf32" or "+bf16" (run under that
     `jax.default_matmul_precision`: convolutions and matmuls in that input precision)."""
     impl, _, precision = impl.partition("+")
     if precision:
@@ -73,7 +74,9 @@ def train_vmap(box: int, n_regions: int, n_steps: int, impl: str, cfg: TrainConf
             r = train_vmap(box, n_regions, n_steps, impl, cfg)
         r["precision"] = precision
         return r
-    model = cnn.build_model(cnn.architecture(cfg, box, 1), impl)
+    model = cnn.build_model(cnn.architecture(cfg, box, 1), impl if "/" not in impl else "auto")
+    if "/" in impl:  # one implementation per layer, e.g. "fft/fft/direct"
+        model = model.clone(conv_impls=tuple(impl.split("/")))
     variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
     tx = optax.adam(cfg.learning_rate)
     stack = lambda name, vs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *vs)
@@ -213,7 +216,7 @@ def main() -> None:
     ap.add_argument("--boxes", type=int, nargs="+", default=[120, 64])
     ap.add_argument("--regions", type=int, default=42)
     ap.add_argument("--steps", type=int, default=4, help="training steps per timed epoch")
-    ap.add_argument("--train-impls", nargs="+", default=["auto", "fft"],
+    ap.add_argument("--train-impls", nargs="+", default=["auto", "fft/fft/direct", "fft/direct/direct"],
                     help="conv implementations (optionally +tf32 / +bf16) for the first box; the other boxes time the first only")
     ap.add_argument("--predict-n", type=int, default=8192)
     ap.add_argument("--predict-batches", type=int, nargs="+", default=[128, 256])

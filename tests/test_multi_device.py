@@ -63,6 +63,14 @@ res["stacked_regions"] = np.array(leaves[0].shape[0])
 models = training.train_regions(images, labels, range(5), cfg, jax.random.key(0))
 res["train_loss"] = np.array([models[r]["history"][0]["train_loss"] for r in range(5)])
 res["probs_trained"] = training.predict_probs(models, images, batch_size=16, region_parallel="vmap")
+# a device memory that holds one region's step: regions trained in groups (of 1 per device)
+real_memory = devices.memory_bytes
+devices.memory_bytes = lambda: int(1.5 * cfg.batch_size * 16 * 16 * cfg.conv_filters[0] * 32 / 0.8)
+res["group_sizes"] = np.array([len(g) for g in training.vmap_region_groups(
+    range(5), cfg.batch_size, 16, cfg.conv_filters[0], devices.memory_bytes(), devices.mesh_size(devices.region_mesh()))])
+grouped = training.train_regions(images, labels, range(5), cfg, jax.random.key(0))
+devices.memory_bytes = real_memory
+res["train_loss_grouped"] = np.array([grouped[r]["history"][0]["train_loss"] for r in range(5)])
 
 # (b) 10 particles at 24 px, restricted to 2 regions each (many small groups: padded pieces)
 vol = preprocess.fourier_crop_volume(mrcfile.read(map_path).astype(np.float32), 24)
@@ -150,6 +158,11 @@ def test_prediction_and_training_equal_one_device(runs):
     # training: same losses; probabilities after training agree up to the rounding-order noise that
     # Adam amplifies on the conv biases in front of BatchNorm (see test_training's vmap-vs-loop test)
     np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=1e-4)
+    # trained in region groups that fit a (small) device memory: 5 groups of 1 on one device,
+    # 2 groups of ≤ 4 (padded to 4) on four devices — the same losses
+    assert one["group_sizes"].tolist() == [1] * 5 and four["group_sizes"].tolist() == [3, 2]
+    np.testing.assert_allclose(one["train_loss_grouped"], one["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(four["train_loss_grouped"], one["train_loss"], rtol=1e-4)
     moved = np.max(np.abs(one["probs_trained"] - 0.5))
     assert np.max(np.abs(four["probs_trained"] - one["probs_trained"])) < 0.025 * moved
 
