@@ -1,5 +1,6 @@
 """GPU figures in one short run (issue 9, and the GPU targets of #4): training image-steps/s over
-all 42 regions, prediction particle·region/s, each with XLA's FLOP count against the card's
+all 42 regions, prediction particle·region/s, each with its FLOP count (XLA:CPU's cost analysis of
+the same programs with direct convolutions: XLA:GPU's leaves out library calls) against the card's
 measured matmul ceilings (float32 at default and highest precision, bfloat16).
 
     python benchmarks/gpu.py --out results/gpu.json [--boxes 120 64] [--regions 42] [--align]
@@ -11,9 +12,9 @@ region) and the shared-trunk net. Prediction: `predict_probs` with the stacked n
 what "auto" picks on an accelerator) at several chunk sizes, and the loop. Compilation is timed
 apart (first call) and excluded from the rates. Every section runs in its own process, killed
 after `--section-timeout` s, and none starts after `--budget` s; each is written to the JSON as
-soon as it ends, and one that fails or hangs records that instead of stopping the run — the
-device lease is 15 minutes, and the first run lost 7 of them to one stuck convolution. Random images, random nets:
-speed only (accuracy is the CPU benchmarks' and the tests' business).
+soon as it ends, and one that fails or hangs records that instead of stopping the run (the
+device lease is 15 minutes, and the first run lost 7 of them to one stuck convolution). Random
+images, random nets: speed only (accuracy is the CPU benchmarks' and the tests' business).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_predict import jax_predict_rate, jax_train_rate, train_step_flops, predict_flops_per_image  # noqa: E402
+from train_predict import jax_predict_rate, jax_train_rate, predict_flops_per_image, train_step_flops  # noqa: E402
 
 from deepalign_cli.config import TrainConfig  # noqa: E402
 from deepalign_cli.core import cnn, training  # noqa: E402
@@ -147,6 +148,15 @@ def _align(a) -> dict:
     return {"rc": p.returncode, "stdout": p.stdout[-4000:], "stderr": p.stderr[-2000:]}
 
 
+def _cpu_flops(box: int, cfg: TrainConfig) -> dict:
+    """FLOP per training step and per predicted image, from XLA:CPU's cost analysis of the
+    programs with direct convolutions (XLA:GPU's cost analysis leaves out cuDNN/cuFFT calls)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return {"kernels": list(cnn.kernel_sizes(box, cfg.kernel_fractions)),
+                "train_step_gflop_per_region": train_step_flops(box, cfg, ("direct",) * 3) / 1e9,
+                "predict_mflop_per_image": predict_flops_per_image(box, cfg, "direct") / 1e6}
+
+
 def sections(a, cfg: TrainConfig) -> dict:
     """name -> zero-argument function, in the order they run."""
     if a.predict_impl != "auto":  # predict_probs builds its nets with "auto"
@@ -158,11 +168,8 @@ def sections(a, cfg: TrainConfig) -> dict:
         "bf16": matmul_tflops(n, jnp.bfloat16)}}
     for bi, box in enumerate(a.boxes):
         first = bi == 0
-        if "flops" not in a.skip:  # XLA:GPU's cost analysis leaves out cuDNN convolutions: take CPU's
-            todo[f"flops_{box}"] = lambda box=box: {
-                "kernels": list(cnn.kernel_sizes(box, cfg.kernel_fractions)),
-                "train_step_gflop_per_region": train_step_flops(box, cfg, ("direct",) * 3) / 1e9,
-                "predict_mflop_per_image": predict_flops_per_image(box, cfg) / 1e6}
+        if "flops" not in a.skip:
+            todo[f"flops_{box}"] = lambda box=box: _cpu_flops(box, cfg)
         if first and a.conv_layers:
             todo[f"conv_layers_{box}"] = lambda box=box: conv_layers(box, a.regions, cfg)
         for impl in a.train_impls if first else a.train_impls[:1]:

@@ -69,9 +69,9 @@ def train_step_flops(box, cfg, impls=None) -> float:
     return _flops(step, v["params"], v["batch_stats"], opt, imgs, idx, jnp.int32(256), idx, jnp.int32(256), jax.random.key(0))
 
 
-def predict_flops_per_image(box, cfg) -> float:
+def predict_flops_per_image(box, cfg, impl="auto") -> float:
     """FLOP of one net's forward pass per image (eval mode, what predict runs)."""
-    model = cnn.build_model(cnn.architecture(cfg, box, 1), "auto")
+    model = cnn.build_model(cnn.architecture(cfg, box, 1), impl)
     v = training.init_region_params(jax.random.key(0), cfg, box, 1)[0]
     x = jnp.zeros((128, box, box, 1), jnp.float32)
     return _flops(lambda v, x: model.apply(v, x, train=False), {"params": v["params"], "batch_stats": v["batch_stats"]}, x) / 128
