@@ -5,10 +5,10 @@ measured matmul ceilings (float32 at default and highest precision, bfloat16).
 
     python benchmarks/gpu.py --out results/gpu.json [--boxes 120 64] [--regions 42] [--align]
 
-Training: the vmapped formulation that `deepalign train` runs off CPU (all regions' nets stacked,
-each region its own balanced, augmented batch of 128, one jitted step per batch), for every
-`--train-impls` conv implementation; also one region alone (the paper trains region after
-region) and the shared-trunk net. Prediction: `predict_probs` with the stacked nets ("vmap",
+Training: the loop over regions that `deepalign train` runs on one device (CPU or GPU; each
+region its own balanced, augmented batch of 128, batches made ahead, one jitted update per step),
+the vmapped formulation (all regions' nets stacked; what it runs over several GPUs) for every
+`--train-impls` conv implementation, one region alone and the shared-trunk net. Prediction: `predict_probs` with the stacked nets ("vmap",
 what "auto" picks on an accelerator) at several chunk sizes, and the loop. Compilation is timed
 apart (first call) and excluded from the rates. Every section runs in its own process, killed
 after `--section-timeout` s, and none starts after `--budget` s; each is written to the JSON as
@@ -105,6 +105,34 @@ def train_vmap(box: int, n_regions: int, n_steps: int, impl: str, cfg: TrainConf
             "finite": bool(np.isfinite(np.asarray(out[3])).all())}
 
 
+def train_loop(box: int, n_regions: int, n_steps: int, cfg: TrainConfig) -> dict:
+    """image-steps/s of n_regions nets trained one after another (what `deepalign train` runs on
+    one device: each region's epoch one jitted update per step, its batches made ahead)."""
+    model = cnn.build_model(cnn.architecture(cfg, box, 1), "auto")
+    variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
+    opt = [optax.adam(cfg.learning_rate).init(v["params"]) for v in variables]
+    images, data = _stacked_data(n_regions, box)
+    epoch = training._region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, float(cfg.max_shift_frac * box))[0]
+
+    def run(seed):
+        outs = [epoch(v["params"], v["batch_stats"], o, images, *(d[r] for d in data), jax.random.key(seed + r))
+                for r, (v, o) in enumerate(zip(variables, opt))]
+        jax.block_until_ready(outs)
+        return outs
+
+    t = time.perf_counter()
+    run(100)
+    first = time.perf_counter() - t
+    times = []
+    for rep in range(2):
+        t = time.perf_counter()
+        outs = run(200 + 100 * rep)
+        times.append(time.perf_counter() - t)
+    return {"conv_impls": list(model.conv_impls), "regions": n_regions, "steps": n_steps, "first_call_s": first, "epoch_s": times,
+            "image_steps_per_s": n_regions * n_steps * cfg.batch_size / min(times),
+            "finite": bool(all(np.isfinite(float(o[3])) for o in outs))}
+
+
 def conv_layers(box: int, n_regions: int, cfg: TrainConfig, reps: int = 5) -> dict:
     """ms of each conv layer's forward + both gradients at batch 128: the vmapped (grouped over
     regions, each its own images and weights) form against one ungrouped conv on all the images
@@ -141,6 +169,40 @@ def _predict(box, n, cfg, parallel, bs, n_regions):
     return jax_predict_rate(box, n, cfg, parallel, bs)
 
 
+def predict_variant(box: int, n: int, cfg: TrainConfig, spec: str, bs: int, n_regions: int) -> dict:
+    """particle·region/s of one prediction formulation at a fixed chunk of `bs` images (no memory
+    cap): spec "vmap" (every layer vmapped, the model's "auto" convolutions) or
+    "shared_vmap:IMPL[+DTYPE]" (`training._logits_shared_vmap_fn`: first layer of all nets as one
+    convolution, the rest vmapped), optionally "/TAIL" — the conv implementation of layers 2…
+    ("fft", "direct" or per layer "fft,direct")."""
+    spec, _, tail = spec.partition("/")
+    arch = cnn.architecture(cfg, box, 1)
+    model = cnn.build_model(arch, "auto")
+    if tail:
+        tails = tail.split(",") if "," in tail else [tail] * (len(model.conv_impls) - 1)
+        model = model.clone(conv_impls=(model.conv_impls[0], *tails))
+    variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
+    if spec == "vmap":
+        fn = training._logits_stacked_fn(model)
+    else:
+        first_impl, _, dtype = (spec.partition(":")[2] or "direct").partition("+")
+        fn = training._logits_shared_vmap_fn(model, first_impl, dtype or None)
+    images = np.random.default_rng(1).standard_normal((n, box, box)).astype(np.float32)
+    t = time.perf_counter()
+    ref = training._chunked_logits(fn, stacked, images[:bs], bs)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    out = training._chunked_logits(fn, stacked, images, bs)
+    dt = time.perf_counter() - t
+    r = {"particle_regions_per_s": n * n_regions / dt, "first_call_s": first, "conv_impls": list(model.conv_impls),
+         "finite": bool(np.isfinite(out).all()), "logit_scale": float(np.abs(ref).mean())}
+    if "+" in spec:  # reduced precision: how far from the float32 program on the first chunk
+        f32 = training._chunked_logits(training._logits_shared_vmap_fn(model, first_impl, None), stacked, images[:bs], bs)
+        r["max_abs_logit_diff_vs_f32"] = float(np.abs(ref - f32).max())
+    return r
+
+
 def _align(a) -> dict:
     dest = a.out.parent / "align_gpu.json"
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "align.py"), "--sizes", "120", "--settings", "pairs",
@@ -172,6 +234,8 @@ def sections(a, cfg: TrainConfig) -> dict:
             todo[f"flops_{box}"] = lambda box=box: _cpu_flops(box, cfg)
         if first and a.conv_layers:
             todo[f"conv_layers_{box}"] = lambda box=box: conv_layers(box, a.regions, cfg)
+        if "train_loop" not in a.skip:
+            todo[f"train_loop_{box}"] = lambda box=box: train_loop(box, a.regions, a.steps, cfg)
         for impl in a.train_impls if first else a.train_impls[:1]:
             todo[f"train_vmap_{box}_{impl}"] = lambda box=box, impl=impl: train_vmap(box, a.regions, a.steps, impl, cfg)
         if "one_region" not in a.skip:
@@ -182,6 +246,13 @@ def sections(a, cfg: TrainConfig) -> dict:
         for bs in a.predict_batches if first else a.predict_batches[1:2]:
             todo[f"predict_vmap_{box}_b{bs}"] = lambda box=box, bs=bs: {
                 "particle_regions_per_s": _predict(box, a.predict_n, cfg, "vmap", bs, a.regions)}
+        for spec in a.predict_variants if first else []:
+            for bs in a.variant_batches:
+                todo[f"predict_variant_{box}_{spec}_b{bs}"] = lambda box=box, spec=spec, bs=bs: predict_variant(
+                    box, a.predict_n, cfg, spec, bs, a.regions)
+        for impl in a.one_region_impls if first else []:
+            todo[f"train_one_region_{box}_{impl}"] = lambda box=box, impl=impl: {
+                "image_steps_per_s": jax_train_rate(box, a.steps * 4, cfg, impls=(impl,) * 3)}
         if "loop" not in a.skip:
             todo[f"predict_loop_{box}"] = lambda box=box: {
                 "particle_regions_per_s": _predict(box, a.predict_n // 4, cfg, "loop", 512, a.regions)}
@@ -228,11 +299,18 @@ def main() -> None:
     ap.add_argument("--predict-n", type=int, default=8192)
     ap.add_argument("--predict-batches", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--predict-impl", default="auto", help="conv implementation of the nets in predict")
+    ap.add_argument("--predict-variants", nargs="*", default=[],
+                    help="prediction formulations for the first box, at --variant-batches, without the memory cap: "
+                         "vmap[/TAIL] or shared_vmap:IMPL[+DTYPE][/TAIL], e.g. shared_vmap:direct+bfloat16/fft")
+    ap.add_argument("--variant-batches", type=int, nargs="+", default=[256])
+    ap.add_argument("--one-region-impls", nargs="*", default=[],
+                    help="also train one region alone (ungrouped convolutions) with this conv implementation for every layer")
     ap.add_argument("--matmul-size", type=int, default=8192)
     ap.add_argument("--conv-layers", action="store_true", help="time each conv layer grouped (vmapped) vs one conv")
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: flops one_region shared_trunk loop")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: flops train_loop one_region shared_trunk loop")
     ap.add_argument("--align", action="store_true", help="also benchmarks/align.py --sizes 120 --settings pairs (subprocess)")
     ap.add_argument("--section-timeout", type=float, default=120, help="seconds before a section's process is killed")
+    ap.add_argument("--align-timeout", type=float, default=240, help="seconds before the alignment section is killed")
     ap.add_argument("--budget", type=float, default=480, help="seconds after which no further section starts")
     ap.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one section, print its result
     a = ap.parse_args()
@@ -252,7 +330,8 @@ def main() -> None:
         if left < 5:
             out[name] = {"error": "not run: --budget spent"}
             continue
-        out[name] = run_isolated(name, min(a.section_timeout, left))
+        limit = max(a.section_timeout, a.align_timeout) if name.startswith("align") else a.section_timeout
+        out[name] = run_isolated(name, min(limit, left))
         print(f"== {name}: {json.dumps(out[name], default=float)[:1500]}", flush=True)
         tmp = a.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1, default=float))
@@ -270,7 +349,7 @@ def achieved(out: dict, boxes, cfg: TrainConfig) -> dict:
     for box in boxes:
         f = out.get(f"flops_{box}", {})
         for key, val in out.items():
-            if not isinstance(val, dict) or "error" in val or not key.startswith((f"train_vmap_{box}_", f"predict_vmap_{box}_")):
+            if not isinstance(val, dict) or "error" in val or not key.startswith((f"train_vmap_{box}_", f"predict_vmap_{box}_", f"predict_variant_{box}_")):
                 continue
             if key.startswith("train") and "train_step_gflop_per_region" in f:
                 summary[key] = val["image_steps_per_s"] / cfg.batch_size * f["train_step_gflop_per_region"] / 1e3

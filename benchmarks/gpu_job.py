@@ -167,6 +167,10 @@ align: {{region_margin_deg: 5.0, max_shift_px: 6}}
     summary = json.loads((sub / "align" / "summary.json").read_text())
     rate = summary.get("particles_per_s")
     out["align_particles_per_s"] = rate
+    # where align's time goes (its own step timings; the rest of its wall time is reading, CTF and
+    # compilation): the GPU lease of 2026-11-26 saw 60.7 particles/s without knowing why
+    out["align_step_seconds"] = summary.get("step_seconds")
+    out["align_summary_seconds"] = summary.get("seconds")
     if rate:
         out["align_all_particles_extrapolated_s"] = round(a.particles / rate, 1)
     timed = {k: v["seconds"] for k, v in out["stages"].items()}

@@ -88,7 +88,7 @@ class TrainConfig(_Stage):
     )
     conv_impl: Literal["auto", "direct", "fft", "patches", "s2d"] = "auto"
     region_parallel: Literal["auto", "loop", "vmap"] = Field(
-        "auto", description="regions one after another (loop, fastest on CPU) or vmapped together; auto: loop on CPU, vmap on GPU"
+        "auto", description="regions one after another (loop, fastest on one CPU or GPU) or vmapped together; auto: loop on one device, vmap over several GPUs"
     )
     seed: int = 0
 

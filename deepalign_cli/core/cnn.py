@@ -89,7 +89,8 @@ S2D_MAX_KERNEL_CPU = 16
 # and 79,500 at 64 px (21, 6, 3). The direct convolution, which vmapping turns into a grouped
 # cuDNN convolution, did not finish its first timing of the 40-px layer in 7 minutes (the
 # autotuner asked for a 54 GiB workspace): unusable there. Small boxes (all kernels < 12 px) keep
-# the direct convolution, not measured on a GPU yet.
+# the direct convolution, not measured on a GPU yet. Ungrouped (one region at a time, the loop that
+# `train` runs on one GPU), 120 px: FFT 31,300 vs direct (cuDNN) 17,300 image-steps/s.
 FFT_MIN_KERNEL_ACCEL = 12
 _FFT_PRIMES = (2, 3, 5, 7)
 
@@ -139,11 +140,16 @@ def _fft_len(n: int) -> int:
         n += 1
 
 
-def conv2d_direct(x: jax.Array, w: jax.Array) -> jax.Array:
+def conv2d_direct(x: jax.Array, w: jax.Array, compute_dtype: Any = None) -> jax.Array:
     """'same' cross-correlation (what Keras/Flax call convolution), stride 1.
 
-    x: (B, H, W, Cin) float32.  w: (kh, kw, Cin, Cout) float32.  Returns (B, H, W, Cout)."""
+    x: (B, H, W, Cin) float32.  w: (kh, kw, Cin, Cout) float32.  compute_dtype: e.g. bfloat16 —
+    inputs and kernel rounded to it, products accumulated and returned in float32.
+    Returns (B, H, W, Cout)."""
     pads = [_same_pads(w.shape[0]), _same_pads(w.shape[1])]
+    if compute_dtype is not None:
+        return lax.conv_general_dilated(x.astype(compute_dtype), w.astype(compute_dtype), (1, 1), pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
     return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -408,7 +414,7 @@ def fold_batch_norm(params: dict, batch_stats: dict, layer: int) -> tuple[jax.Ar
     return conv["kernel"] * a, a * (conv["bias"] - st["mean"]) + bn["bias"]
 
 
-def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl: str) -> jax.Array:
+def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl: str, compute_dtype: Any = None) -> jax.Array:
     """Eval-mode first block (conv → batch norm → ReLU → 2×2 max-pool) of G per-region nets on
     the same images, as ONE convolution with G·C outputs.
 
@@ -419,7 +425,8 @@ def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl
     x: (B, N, N) images.  kernels: (G, k, k, 1, C), biases: (G, C) — batch norm folded in
     (`fold_batch_norm`).  impl: "direct" | "fft" | "patches" | "s2d" ("s2d" runs the direct
     convolution: with G·C output channels XLA vectorises it already, and the space-to-depth view
-    measured 0.9–1.1× of it, 512 images × 42 nets at 24–32 px).  Returns (G, B, N//2, N//2, C)."""
+    measured 0.9–1.1× of it, 512 images × 42 nets at 24–32 px).  compute_dtype: the direct
+    convolution's input precision (`conv2d_direct`; None: float32).  Returns (G, B, N//2, N//2, C)."""
     g, k, _, _, c = kernels.shape
     w = kernels.transpose(1, 2, 3, 0, 4).reshape(k, k, 1, g * c)
     bias = biases.reshape(g * c)
@@ -427,7 +434,10 @@ def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl
         y = max_pool2(conv2d_fft(x[..., None], w, channels_first_out=True) + bias[:, None, None], channels_first=True)
         b, _, h, wd = y.shape
         return nn.relu(y.reshape(b, g, c, h, wd).transpose(1, 0, 3, 4, 2))
-    y = max_pool2(_CONVS["direct" if impl == "s2d" else impl](x[..., None], w) + bias)
+    if impl in ("direct", "s2d"):
+        y = max_pool2(conv2d_direct(x[..., None], w, compute_dtype) + bias)
+    else:
+        y = max_pool2(_CONVS[impl](x[..., None], w) + bias)
     b, h, wd, _ = y.shape
     return nn.relu(y.reshape(b, h, wd, g, c).transpose(3, 0, 1, 2, 4))
 

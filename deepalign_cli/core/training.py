@@ -19,17 +19,20 @@ cross-entropy on logits (``optax.sigmoid_binary_cross_entropy``).
 * **Formulation** (``region_parallel``), chosen by measurement. On XLA:CPU a loop over regions with
   one jitted step per call, looped in Python (a ``lax.scan`` epoch was 25× slower on XLA:CPU; the jitted step is shared by all regions because
   the index arrays are padded to one length) is fastest: vmapping per-region data over regions
-  turns every convolution into a grouped convolution, 3–10× slower on CPU. On GPU ("auto") the
-  regions are vmapped. A shared augmented image pool for all regions (augment + input FFT once per
+  turns every convolution into a grouped convolution, 3–10× slower on CPU. On one GPU the loop
+  wins too (H100, 120 px, 2026-11-26: one region 31,300 image-steps/s, the 42 regions vmapped
+  22,600), so "auto" loops on any single device and vmaps (sharded) only over several devices.
+  A shared augmented image pool for all regions (augment + input FFT once per
   step) was considered and rejected for the per-region nets: augmenting a 128-image batch costs
   1 ms at 64 px and 5 ms at 120 px against 400 ms / 2.5 s for the training step (measured on the
   2-core CPU), < 1 % to gain, at the price of unbalanced per-region batches. In the loop (and for
   the shared trunk) each group of steps' batches is made in one call ahead of the updates
   (`_pre_batched_epoch`): inside the jitted step the sampling and augmentation cost ~5 ms of a
-  32-px step, on their own < 0.5 ms.
+  32-px step, on their own < 0.5 ms. The vmapped formulation makes its batches ahead likewise
+  (the 22,600 above is the fused form's; the pre-batched vmapped form is not measured on a GPU).
 * **Several devices** (``core.devices``). When ``jax.devices()`` has D > 1 devices, the vmapped
   formulation (training with ``region_parallel="vmap"`` or "auto" off CPU, and ``predict_probs``'
-  vmap path) splits its stacked region axis over a 1-D mesh named "regions": the region count is
+  vmap path; "auto" training vmaps only then) splits its stacked region axis over a 1-D mesh named "regions": the region count is
   padded to a multiple of D by repeating the first region (those outputs are dropped), every
   device runs the vmapped program on its R/D regions (``shard_map``, no collectives) and the
   images are replicated. A region's result therefore does not depend on D (its RNG stream is
@@ -253,7 +256,7 @@ def _batch_group_steps(batch_size: int, box: int) -> int:
     return int(max(1, min(_BATCH_GROUP_STEPS, _BATCH_GROUP_BYTES // (4 * batch_size * box * box))))
 
 
-def _pre_batched_epoch(update, make_batches, n_steps: int, batch_size: int, group: int | None = None):
+def _pre_batched_epoch(update, make_batches, n_steps: int, batch_size: int, group: int | None = None, stacked: bool = False):
     """The loop formulation's epoch: the batches of `group` steps made in one jitted call (the
     same keys, so the same batches as the fused step), then one jitted update per step.
 
@@ -265,17 +268,26 @@ def _pre_batched_epoch(update, make_batches, n_steps: int, batch_size: int, grou
     so one compiled batch maker serves every group. group: default `_batch_group_steps` of the
     images' box, at most n_steps. make_batches(*data, keys) -> (xs, ys, dropout keys), one per
     key; update(params, batch_stats, opt_state, x, y, k_drop) -> (…, loss, acc); the epoch's
-    loss/acc are the means over steps (per head for the shared trunk)."""
+    loss/acc are the means over steps (per head for the shared trunk).
+    stacked: R nets at once (the vmapped formulation): key is (R,) keys, each region's step keys
+    ``split(key_r, n_steps)`` as in the loop (so the same batches), make_batches(*data, ks (R, g))
+    returns (g, R, …) and update is vmapped over regions; loss/acc per region. Measured on one
+    H100 at 120 px (2026-11-26, batch 128): one region trained this way 4.1 ms per step, while
+    the fused vmapped step (batch making inside the update) took 102 / 126 / 238 ms for 3 / 8 /
+    42 regions — ~95 ms that did not scale with the regions."""
 
     def epoch(params, batch_stats, opt_state, *rest):
         *data, key = rest
-        g = group or min(n_steps, _batch_group_steps(batch_size, data[0].shape[-1]))
-        keys = jax.random.split(key, n_steps)
+        n_nets = key.shape[0] if stacked else 1
+        g = group or min(n_steps, max(1, _batch_group_steps(batch_size, data[0].shape[-1]) // n_nets))
+        keys = jax.vmap(lambda k: jax.random.split(k, n_steps))(key) if stacked else jax.random.split(key, n_steps)
         losses, accs = [], []
         for start in range(0, n_steps, g):
-            ks = keys[start : start + g]
-            if ks.shape[0] < g:
-                ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], g - ks.shape[0], axis=0)])
+            ks = keys[:, start : start + g] if stacked else keys[start : start + g]
+            short = g - ks.shape[int(stacked)]
+            if short:
+                last = ks[:, -1:] if stacked else ks[-1:]
+                ks = jnp.concatenate([ks, jnp.repeat(last, short, axis=int(stacked))], axis=int(stacked))
             xs, ys, kds = make_batches(*data, ks)
             for i in range(min(g, n_steps - start)):
                 params, batch_stats, opt_state, loss, acc = update(params, batch_stats, opt_state, xs[i], ys[i], kds[i])
@@ -315,12 +327,15 @@ _EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, 0)  # vmap over regions; the image 
 
 @lru_cache(maxsize=32)
 def _region_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
-    """One epoch of one per-region net (batches made ahead, `_pre_batched_epoch`), and of R
-    stacked nets (vmapped over regions, batch and update in one jitted step)."""
-    step = _region_step_body(model, lr, batch_size, max_shift_px)
-    make = jax.vmap(partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px), in_axes=(None,) * 5 + (0,))
-    one = _pre_batched_epoch(jax.jit(_region_update_body(model, lr)), jax.jit(make), n_steps, batch_size)
-    return one, _stepwise_epoch(jax.jit(jax.vmap(step, in_axes=_EPOCH_IN_AXES)), n_steps, stacked=True)
+    """One epoch of one per-region net and of R stacked nets (vmapped over regions), both with
+    their batches made ahead (`_pre_batched_epoch`)."""
+    batch = partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px)
+    update = _region_update_body(model, lr)
+    one = _pre_batched_epoch(jax.jit(update), jax.jit(jax.vmap(batch, in_axes=(None,) * 5 + (0,))), n_steps, batch_size)
+    # stacked: regions (axis 0 of the index arrays and keys) inside, steps (keys' axis 1) outside
+    make_many = jax.vmap(jax.vmap(batch, in_axes=(None, 0, 0, 0, 0, 0)), in_axes=(None,) * 5 + (1,))
+    many = _pre_batched_epoch(jax.jit(jax.vmap(update)), jax.jit(make_many), n_steps, batch_size, stacked=True)
+    return one, many
 
 
 @lru_cache(maxsize=32)
@@ -476,6 +491,27 @@ def _logits_stacked_fn(model: cnn.RegionCNN):
 
 
 @lru_cache(maxsize=32)
+def _logits_shared_vmap_fn(model: cnn.RegionCNN, first_impl: str = "direct", compute_dtype: str | None = None):
+    """Jitted eval forward of R stacked batch-norm nets with their first layer shared, in ONE
+    program: (R-stacked variables, (B, N, N)) -> (B, R).
+
+    The first block of all R nets runs as one convolution with R·C1 outputs on the shared images
+    (`cnn.shared_first_block`, batch norm folded; `first_impl` "direct" or "fft", the direct one
+    optionally in `compute_dtype`, e.g. "bfloat16"), an ordinary convolution rather than the
+    grouped one that vmapping the first layer makes; the remaining layers (`cnn.tail_eval`, the
+    model's own conv implementations) are vmapped over the nets."""
+    dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+
+    def f(stacked, x):
+        p, s = stacked["params"], stacked["batch_stats"]
+        kernels, biases = jax.vmap(lambda pi, si: cnn.fold_batch_norm(pi, si, 0))(p, s)
+        h = cnn.shared_first_block(x, kernels, biases, first_impl, dtype)
+        return jax.vmap(lambda pi, si, hi: cnn.tail_eval(model, pi, si, hi)[:, 0])(p, s, h).T
+
+    return jax.jit(f)
+
+
+@lru_cache(maxsize=32)
 def _logits_stacked_sharded_fn(model: cnn.RegionCNN, mesh):
     """:func:`_logits_stacked_fn` with the stacked region axis split over ``mesh`` ("regions"):
     (R-stacked variables sharded, (B, N, N)) -> (B, R), the images replicated to every device."""
@@ -519,8 +555,10 @@ def _chunked_logits(fn, variables, images, batch_size: int) -> np.ndarray:
 
 
 def _use_vmap(cfg: Any) -> bool:
+    """Training formulation: "auto" vmaps the regions only off CPU over several devices (the
+    region axis split over them); on one device, CPU or GPU, the loop was measured faster."""
     if cfg.region_parallel == "auto":
-        return jax.default_backend() != "cpu"
+        return jax.default_backend() != "cpu" and devices.region_mesh() is not None
     return cfg.region_parallel == "vmap"
 
 
@@ -773,6 +811,10 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     "vmap" (all nets stacked, one call per chunk; with several devices the stacked region axis
     is split over them, see the module docstring) or "auto" (on CPU "shared" for batch-norm
     nets whose first layer is a direct convolution, else "loop"; "vmap" on accelerators). With
+    "shared_vmap[:IMPL[+DTYPE]]" (batch-norm nets: the first layer of all nets as one IMPL
+    ("direct", the default, or "fft") convolution, in DTYPE (e.g. bfloat16) if given, the other
+    layers vmapped, all in one jitted program, see `_logits_shared_vmap_fn`; with several devices
+    it runs as "vmap"). With
     the space-to-depth first layer (`cnn.conv2d_s2d`, CPU "auto" for first kernels of 5–16 px)
     the loop is faster than the shared first layer (2,048 images × 42 random nets, 2-core CPU,
     particle·region/s, loop vs shared: 24 px 43k vs 26k, 32 px 20k vs 12.4k, 40 px 9.2k vs
@@ -806,11 +848,20 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
         max_bytes = _SHARED_FIRST_BYTES if memory_budget_gb is None else memory_budget_gb * 2**30 / 16
         out[:] = _predict_shared_first(model, variables, images, batch_size, max_bytes)
         return np.asarray(jax.nn.sigmoid(out))
+    shared_vmap = region_parallel.startswith("shared_vmap")
+    use_vmap = use_vmap or shared_vmap
     mesh = devices.region_mesh() if use_vmap else None
     if use_vmap:  # chunks small enough for the device: every image meets all (this device's) nets at once
         per_device = -(-len(regions) // devices.mesh_size(mesh))
         batch_size = vmap_chunk_size(batch_size, images.shape[-1], model.conv_filters[0], per_device, devices.memory_bytes())
-    if use_vmap and mesh is None:
+    if shared_vmap and mesh is None:
+        if model.norm != "batch":
+            raise DeepAlignError(f"predict: region_parallel {region_parallel!r} needs batch-norm nets, these use {model.norm!r}")
+        _, _, spec = region_parallel.partition(":")  # "shared_vmap[:first_impl[+dtype]]"
+        first_impl, _, dtype = (spec or "direct").partition("+")
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
+        out[:] = _chunked_logits(_logits_shared_vmap_fn(model, first_impl, dtype or None), stacked, images, batch_size)
+    elif use_vmap and mesh is None:
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
         out[:] = _chunked_logits(_logits_stacked_fn(model), stacked, images, batch_size)
     elif use_vmap:  # several devices: the stacked (padded) region axis split over them
