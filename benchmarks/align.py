@@ -222,6 +222,10 @@ def main():
     ap.add_argument("--step", type=float, default=None,
                     help="gallery and psi step (°); default: align's own default at 64 px (2.68°), 3° at 120 px")
     ap.add_argument("--memory-gb", type=float, default=8.0)
+    ap.add_argument("--scale", type=int, default=1,
+                    help="× the particle counts (a GPU needs thousands to amortise its per-call costs)")
+    ap.add_argument("--coarse-chunk", type=int, default=None,
+                    help=f"particles per coarse GEMM (search.COARSE_CHUNK, default {search.COARSE_CHUNK}: measured on CPU)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "align.json")
     args = ap.parse_args()
     counts = {("pairs", 64): 64, ("pairs", 120): 32, ("spread", 64): 84, ("spread", 120): 42}
@@ -229,6 +233,9 @@ def main():
     if args.quick:
         counts = {k: max(16, v // 4) for k, v in counts.items()}
         steps = {64: 5.0, 120: 5.0}
+    counts = {k: v * args.scale for k, v in counts.items()}
+    if args.coarse_chunk:
+        search.COARSE_CHUNK = args.coarse_chunk
     rows = [bench(box, counts[(s, box)], args.step or steps.get(box), args.memory_gb, s) for s in args.settings for box in args.sizes]
     ceiling = _matmul_ceiling()
     meta = {
@@ -238,6 +245,8 @@ def main():
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "quick": args.quick,
+        "scale": args.scale,
+        "coarse_chunk": search.COARSE_CHUNK,
         "matmul_ceiling_gflops": ceiling / 1e9,
     }
     print(f"align benchmark ({meta['device']}, {meta['cpu_count']} CPUs, {meta['date']}; "
