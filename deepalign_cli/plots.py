@@ -55,7 +55,11 @@ def angular_distribution(path: Path, rot_deg: np.ndarray, tilt_deg: np.ndarray, 
 
 
 def histogram(path: Path, values: np.ndarray, xlabel: str, title: str, bins: int = 50, vline: float | None = None) -> Path:
+    """Histogram of the finite `values`. In float64: float32 values spread over fewer than `bins`
+    representable steps (e.g. the top probabilities of barely trained nets, all ≈ 0.5) make
+    numpy refuse the bins ("Too many bins for data range")."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = np.asarray(values, np.float64)
     ax.hist(values[np.isfinite(values)], bins=bins, color="tab:blue")
     if vline is not None:
         ax.axvline(vline, color="tab:red", ls="--")
