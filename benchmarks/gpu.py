@@ -203,6 +203,43 @@ def predict_variant(box: int, n: int, cfg: TrainConfig, spec: str, bs: int, n_re
     return r
 
 
+def profile_predict(box: int, n_regions: int, bs: int, cfg: TrainConfig, trace_dir: Path, reps: int = 5) -> dict:
+    """Where the vmapped prediction's time goes: the device compiler's own cost analysis of the
+    program (FLOP, bytes accessed) and a `jax.profiler` trace of `reps` calls on one chunk of `bs`
+    images, summarised by op/kernel name (total µs per call, top 25, from the trace's Perfetto
+    JSON; the full trace stays in `trace_dir` for TensorBoard/Perfetto)."""
+    import collections
+    import gzip
+
+    model = cnn.build_model(cnn.architecture(cfg, box, 1), "auto")
+    variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
+    fn = training._logits_stacked_fn(model)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((bs, box, box)).astype(np.float32))
+    cost = fn.lower(stacked, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    jax.block_until_ready(fn(stacked, x))
+    t = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(fn(stacked, x))
+    per_call = (time.perf_counter() - t) / reps
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(reps):
+            jax.block_until_ready(fn(stacked, x))
+    totals: collections.Counter = collections.Counter()
+    for path in trace_dir.glob("**/*perfetto_trace.json.gz"):
+        data = json.load(gzip.open(path))
+        for e in data["traceEvents"] if isinstance(data, dict) else data:
+            if e.get("ph") == "X" and not e["name"].startswith("$"):  # "$file:line": Python frames
+                totals[e["name"][:120]] += float(e.get("dur", 0.0)) / reps
+    n_pr = bs * n_regions
+    return {"conv_impls": list(model.conv_impls), "chunk": bs, "seconds_per_call": per_call,
+            "particle_regions_per_s": n_pr / per_call,
+            "device_cost_analysis": {k: float(v) for k, v in cost.items() if k in ("flops", "bytes accessed", "transcendentals")},
+            "implied_TB_per_s": float(cost.get("bytes accessed", float("nan"))) / per_call / 1e12,
+            "top_ops_us_per_call": [[name, round(us, 1)] for name, us in totals.most_common(25)]}
+
+
 def _align(a) -> dict:
     dest = a.out.parent / "align_gpu.json"
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "align.py"), "--sizes", "120", "--settings", "pairs",
@@ -256,6 +293,9 @@ def sections(a, cfg: TrainConfig) -> dict:
         if "loop" not in a.skip:
             todo[f"predict_loop_{box}"] = lambda box=box: {
                 "particle_regions_per_s": _predict(box, a.predict_n // 4, cfg, "loop", 512, a.regions)}
+        if first and a.profile:
+            todo[f"profile_predict_{box}"] = lambda box=box: profile_predict(
+                box, a.regions, a.predict_batches[-1], cfg, a.out.parent / f"trace_predict_{box}")
         if first and a.align:
             todo["align_120_pairs"] = lambda: _align(a)
     return todo
@@ -308,6 +348,8 @@ def main() -> None:
     ap.add_argument("--matmul-size", type=int, default=8192)
     ap.add_argument("--conv-layers", action="store_true", help="time each conv layer grouped (vmapped) vs one conv")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: flops train_loop one_region shared_trunk loop")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the vmapped prediction at the first box (cost analysis + jax.profiler trace next to --out)")
     ap.add_argument("--align", action="store_true", help="also benchmarks/align.py --sizes 120 --settings pairs (subprocess)")
     ap.add_argument("--section-timeout", type=float, default=120, help="seconds before a section's process is killed")
     ap.add_argument("--align-timeout", type=float, default=240, help="seconds before the alignment section is killed")
