@@ -48,17 +48,21 @@ def _images(n, box, seed=0):
     return x, np.arange(n) % N_REGIONS
 
 
-def _flops(fn, *args) -> float:
+def xla_cost(fn, *args) -> dict:
+    """XLA's cost analysis of jit(fn) compiled for the default device: {"flops", "bytes"}."""
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
+    return {"flops": float(cost.get("flops", float("nan"))), "bytes": float(cost.get("bytes accessed", float("nan")))}
 
 
-def train_step_flops(box, cfg, impls=None) -> float:
-    """FLOP of one per-region training step (batch_size images) from XLA's cost analysis."""
+def _model(box, cfg, impls=None):
     model = cnn.build_model(cnn.architecture(cfg, box, 1), cfg.conv_impl)
-    if impls:
-        model = model.clone(conv_impls=tuple(impls))
+    return model.clone(conv_impls=tuple(impls)) if impls else model
+
+
+def train_step_cost(box, cfg, impls=None) -> dict:
+    """Cost of one per-region training step (batch_size images) from XLA's cost analysis."""
+    model = _model(box, cfg, impls)
     v = training.init_region_params(jax.random.key(0), cfg, box, 1)[0]
     import optax
 
@@ -66,15 +70,25 @@ def train_step_flops(box, cfg, impls=None) -> float:
     step = training._region_step_body(model, cfg.learning_rate, cfg.batch_size, cfg.max_shift_frac * box)
     imgs = jnp.zeros((512, box, box), jnp.float32)
     idx = jnp.arange(512, dtype=jnp.int32)
-    return _flops(step, v["params"], v["batch_stats"], opt, imgs, idx, jnp.int32(256), idx, jnp.int32(256), jax.random.key(0))
+    return xla_cost(step, v["params"], v["batch_stats"], opt, imgs, idx, jnp.int32(256), idx, jnp.int32(256), jax.random.key(0))
+
+
+def train_step_flops(box, cfg, impls=None) -> float:
+    """FLOP of one per-region training step (batch_size images) from XLA's cost analysis."""
+    return train_step_cost(box, cfg, impls)["flops"]
+
+
+def forward_cost(box, cfg, impls=None, batch=128) -> dict:
+    """Cost of one net's forward pass (eval mode, what predict runs) on `batch` images."""
+    model = _model(box, cfg, impls)
+    v = training.init_region_params(jax.random.key(0), cfg, box, 1)[0]
+    x = jnp.zeros((batch, box, box, 1), jnp.float32)
+    return xla_cost(lambda v, x: model.apply(v, x, train=False), {"params": v["params"], "batch_stats": v["batch_stats"]}, x)
 
 
 def predict_flops_per_image(box, cfg, impl="auto") -> float:
     """FLOP of one net's forward pass per image (eval mode, what predict runs)."""
-    model = cnn.build_model(cnn.architecture(cfg, box, 1), impl)
-    v = training.init_region_params(jax.random.key(0), cfg, box, 1)[0]
-    x = jnp.zeros((128, box, box, 1), jnp.float32)
-    return _flops(lambda v, x: model.apply(v, x, train=False), {"params": v["params"], "batch_stats": v["batch_stats"]}, x) / 128
+    return forward_cost(box, cfg.model_copy(update={"conv_impl": impl}))["flops"] / 128
 
 
 def matmul_ceiling(size=2048) -> float:
