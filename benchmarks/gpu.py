@@ -227,7 +227,7 @@ def profile_predict(box: int, n_regions: int, bs: int, cfg: TrainConfig, trace_d
         for _ in range(reps):
             jax.block_until_ready(fn(stacked, x))
     totals: collections.Counter = collections.Counter()
-    for path in trace_dir.glob("**/*perfetto_trace.json.gz"):
+    for path in sorted(trace_dir.glob("**/*perfetto_trace.json.gz"), key=lambda q: q.stat().st_mtime)[-1:]:  # this run's
         data = json.load(gzip.open(path))
         for e in data["traceEvents"] if isinstance(data, dict) else data:
             if e.get("ph") == "X" and not e["name"].startswith("$"):  # "$file:line": Python frames
