@@ -314,3 +314,50 @@ def test_s2d_conv_equals_direct_on_rectangular_inputs(k, shape):
     direct, s2d = cnn.conv2d_direct(x, w), cnn.conv2d_s2d(x, w)
     assert s2d.shape == direct.shape
     assert float(jnp.max(jnp.abs(s2d - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
+
+
+def test_fft_conv_broadcast_spectral_product_equals_einsum(monkeypatch):
+    """The GPU candidate sum over input channels (multiply + reduce) gives the GEMM's result."""
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (2, 24, 24, 5))
+    w = jax.random.normal(kw, (6, 6, 5, 7)) / 6
+    einsum = cnn.conv2d_fft(x, w)
+    monkeypatch.setattr(cnn, "SPECTRAL_PRODUCT", "broadcast")
+    bcast = cnn.conv2d_fft(x, w)
+    assert float(jnp.max(jnp.abs(bcast - einsum))) < 1e-5 * float(jnp.max(jnp.abs(einsum)))
+    assert float(jnp.max(jnp.abs(bcast - cnn.conv2d_direct(x, w)))) < 1e-5 * float(jnp.max(jnp.abs(einsum)))
+
+
+def test_patches_conv_in_bfloat16_is_close_to_float32():
+    """bfloat16 patches and kernel, float32 accumulation: within bfloat16's rounding (2^-8)."""
+    kx, kw = jax.random.split(jax.random.key(4))
+    x = jax.random.normal(kx, (2, 20, 20, 1))
+    w = jax.random.normal(kw, (7, 7, 1, 8)) / 7
+    ref = cnn.conv2d_direct(x, w)
+    low = cnn.conv2d_patches(x, w, jnp.bfloat16)
+    assert low.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(low - ref))) / float(jnp.max(jnp.abs(ref)))
+    assert 0 < err < 2e-2
+
+
+@pytest.mark.parametrize("cin,cout", [(1, 4), (3, 6), (2, 5)])  # paired first layer, paired real outputs, odd fallback
+def test_fft_conv_inverse_by_forward_transform_equals_direct(monkeypatch, cin, cout):
+    """The accelerator form (inverse FFTs as forward FFTs of the conjugate, real outputs paired
+    into complex planes): same values and gradients as the direct convolution, forced on CPU."""
+    monkeypatch.setattr(cnn, "INVERSE_BY_FORWARD_FFT", "always")
+    kx, kw = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (2, 27, 27, cin))
+    w = jax.random.normal(kw, (9, 9, cin, cout)) / 9
+    direct, fast = cnn.conv2d_direct(x, w), cnn.conv2d_fft(x, w)
+    assert float(jnp.max(jnp.abs(fast - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
+    for arg in (0, 1):
+        g_direct = jax.grad(lambda x, w: jnp.sum(cnn.conv2d_direct(x, w) ** 2), argnums=arg)(x, w)
+        g_fast = jax.grad(lambda x, w: jnp.sum(cnn.conv2d_fft(x, w) ** 2), argnums=arg)(x, w)
+        assert float(jnp.max(jnp.abs(g_fast - g_direct))) < 1e-4 * float(jnp.max(jnp.abs(g_direct)))
+
+
+def test_hermitian_full_spectrum_matches_fft2():
+    for ly, lx in [(8, 8), (7, 9), (9, 6)]:
+        x = jax.random.normal(jax.random.key(ly * lx), (2, 3, ly, lx))
+        full = cnn._hermitian_full(jnp.fft.rfft2(x, axes=(2, 3)), lx)
+        np.testing.assert_allclose(np.asarray(full), np.asarray(jnp.fft.fft2(x, axes=(2, 3))), atol=1e-4)

@@ -93,6 +93,20 @@ S2D_MAX_KERNEL_CPU = 16
 # `train` runs on one GPU), 120 px: FFT 31,300 vs direct (cuDNN) 17,300 image-steps/s.
 FFT_MIN_KERNEL_ACCEL = 12
 _FFT_PRIMES = (2, 3, 5, 7)
+# How the FFT path sums over input channels in the frequency domain: "einsum" (a batched complex
+# matrix product over the frequencies, XLA:CPU's fastest) or "broadcast" (multiply and reduce in
+# one elementwise fusion, no transposes into and out of a GEMM's batch-major layout; a candidate
+# for XLA:GPU, where the product is memory-bound). Results equal to float32 rounding.
+SPECTRAL_PRODUCT = "einsum"
+# Inverse transforms of the FFT path as FORWARD transforms of the conjugate, ifft2(Z) =
+# conj(fft2(conj(Z))) / N, with 1/N applied in the fusion that crops the output: XLA:GPU follows
+# every inverse FFT with a separate cuBLAS scaling pass over its output (`scal_kernel_val`, 17 %
+# of the vmapped 120-px prediction on an H100, 2026-11-27 profile) and copies a c2r transform's
+# input first (`MemcpyD2D`). The real inverse transforms of layers with an even number of outputs
+# become complex ones of half as many planes (two real channels per complex plane, the spectra
+# made whole by Hermitian symmetry). "auto": on accelerators only (XLA:CPU scales inside its
+# FFT); "always" / "never" for tests and benchmarks.
+INVERSE_BY_FORWARD_FFT = "auto"
 
 
 def kernel_sizes(box_px: int, fractions: Sequence[float]) -> tuple[int, ...]:
@@ -167,6 +181,7 @@ def conv2d_fft(x: jax.Array, w: jax.Array, channels_first_out: bool = False) -> 
     kh, kw = w.shape[:2]
     (_, hi_y), (_, hi_x) = _same_pads(kh), _same_pads(kw)
     out = (lambda y: y) if channels_first_out else (lambda y: y.transpose(0, 2, 3, 1))
+    by_forward = INVERSE_BY_FORWARD_FFT == "always" or (INVERSE_BY_FORWARD_FFT == "auto" and jax.default_backend() != "cpu")
     ly, lx = _fft_len(h + hi_y), _fft_len(wd + hi_x)
     # The transforms run channels-first: XLA:CPU's FFT over the two inner (contiguous) axes is
     # ~2× faster than over the middle axes of an NHWC array (75×75 inverse transforms of
@@ -183,30 +198,63 @@ def conv2d_fft(x: jax.Array, w: jax.Array, channels_first_out: bool = False) -> 
         xf = jnp.fft.fft2(x[..., 0].astype(jnp.complex64), s=(ly, lx), axes=(1, 2))  # (B, ly, lx)
         wr = w[::-1, ::-1, 0, :]
         wf = jnp.fft.fft2((wr[..., :half] + 1j * wr[..., half:]).transpose(2, 0, 1), s=(ly, lx), axes=(1, 2))
+        if by_forward:  # ifft2(Z) = conj(fft2(conj(Z))) / N
+            z = jnp.fft.fft2(jnp.conj(xf[:, None] * wf[None]), axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
+            return out(jnp.concatenate([z.real, -z.imag], axis=1) * (1.0 / (ly * lx)))
         z = jnp.fft.ifft2(xf[:, None] * wf[None], axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
         return out(jnp.concatenate([z.real, z.imag], axis=1))
     xf = jnp.fft.rfft2(x.transpose(0, 3, 1, 2), s=(ly, lx), axes=(2, 3))  # (B, Cin, ly, lx//2+1)
     wf = jnp.fft.rfft2(w[::-1, ::-1].transpose(2, 3, 0, 1), s=(ly, lx), axes=(2, 3))  # (Cin, Cout, ...)
     if x.shape[-1] == 1:
         yf = xf * wf[0][None]
+    elif SPECTRAL_PRODUCT == "broadcast":
+        yf = (xf[:, :, None] * wf[None]).sum(axis=1)
     else:
         yf = jnp.einsum("bcyx,cdyx->bdyx", xf, wf)
+    if by_forward and cout % 2 == 0:
+        return out(_irfft2_pairs_by_forward(yf, ly, lx)[:, :, oy : oy + h, ox : ox + wd])
     return out(jnp.fft.irfft2(yf, s=(ly, lx), axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd])
 
 
-def conv2d_patches(x: jax.Array, w: jax.Array) -> jax.Array:
+def _hermitian_full(h: jax.Array, lx: int) -> jax.Array:
+    """Whole spectrum (…, ly, lx) of a real signal from its rfft half (…, ly, lx//2+1):
+    X[ky, kx] = conj(X[−ky mod ly, lx − kx]) for the missing kx = lx//2+1 … lx−1."""
+    tail = h[..., 1 : lx - lx // 2][..., ::-1]  # columns lx − kx, kx ascending
+    tail = jnp.conj(jnp.roll(tail[..., ::-1, :], 1, axis=-2))  # rows −ky mod ly
+    return jnp.concatenate([h, tail], axis=-1)
+
+
+def _irfft2_pairs_by_forward(yf: jax.Array, ly: int, lx: int) -> jax.Array:
+    """``irfft2(yf, s=(ly, lx))`` over the last two axes, for an even number D of planes on axis 1,
+    as D/2 complex FORWARD transforms: Z = Y_c + i·Y_{c+D/2} (whole spectra), and
+    ifft2(Z) = conj(fft2(conj(Z))) / N has real part channel c and imaginary part c + D/2.
+    yf: (B, D, ly, lx//2+1) complex.  Returns (B, D, ly, lx) float32."""
+    half = yf.shape[1] // 2
+    full = _hermitian_full(yf, lx)
+    z = jnp.fft.fft2(jnp.conj(full[:, :half] + 1j * full[:, half:]), axes=(2, 3))
+    return jnp.concatenate([z.real, -z.imag], axis=1) * (1.0 / (ly * lx))
+
+
+def conv2d_patches(x: jax.Array, w: jax.Array, compute_dtype: Any = None) -> jax.Array:
     """Same result as `conv2d_direct` as one matrix product (im2col): the kh·kw shifted views of
     the zero-padded input are concatenated along channels, (B·H·W, kh·kw·Cin) @ (kh·kw·Cin, Cout).
 
     XLA:CPU runs large GEMMs near the machine's peak but its convolutions (and their gradients)
     far below it; the price is a patch tensor kh·kw times the input (kept for the backward pass).
+    The patches are gathered in two steps (the kw views along x, then the kh views of those along
+    y: kh + kw slices instead of kh·kw). compute_dtype: e.g. bfloat16 — patches and kernel rounded
+    to it, products accumulated and returned in float32 (a tensor-core GEMM on GPUs).
     x: (B, H, W, Cin) float32.  w: (kh, kw, Cin, Cout) float32.  Returns (B, H, W, Cout) float32."""
     kh, kw, cin, cout = w.shape
-    _, h, wd, _ = x.shape
+    b, h, wd, _ = x.shape
     (ly, hy), (lx, hx) = _same_pads(kh), _same_pads(kw)
+    if compute_dtype is not None:
+        x, w = x.astype(compute_dtype), w.astype(compute_dtype)
     xp = jnp.pad(x, ((0, 0), (ly, hy), (lx, hx), (0, 0)))
-    cols = jnp.concatenate([xp[:, i : i + h, j : j + wd, :] for i in range(kh) for j in range(kw)], axis=-1)
-    return cols @ w.reshape(kh * kw * cin, cout)
+    rows = jnp.stack([xp[:, :, j : j + wd, :] for j in range(kw)], axis=3)  # (B, H+kh-1, W, kw, Cin)
+    cols = jnp.stack([rows[:, i : i + h] for i in range(kh)], axis=3)  # (B, H, W, kh, kw, Cin)
+    cols = cols.reshape(b, h, wd, kh * kw * cin)
+    return jnp.matmul(cols, w.reshape(kh * kw * cin, cout), preferred_element_type=jnp.float32)
 
 
 def _s2d_correlation(x: jax.Array, w: jax.Array, s: int) -> jax.Array:
@@ -436,6 +484,8 @@ def shared_first_block(x: jax.Array, kernels: jax.Array, biases: jax.Array, impl
         return nn.relu(y.reshape(b, g, c, h, wd).transpose(1, 0, 3, 4, 2))
     if impl in ("direct", "s2d"):
         y = max_pool2(conv2d_direct(x[..., None], w, compute_dtype) + bias)
+    elif impl == "patches":
+        y = max_pool2(conv2d_patches(x[..., None], w, compute_dtype) + bias)
     else:
         y = max_pool2(_CONVS[impl](x[..., None], w) + bias)
     b, h, wd, _ = y.shape
