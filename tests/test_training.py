@@ -211,10 +211,12 @@ def test_predict_shared_vmap_equals_the_loop():
     images, labels = _data()
     models = training.train_regions(images, labels, [0, 1, 2], TrainConfig(**{**TINY, "epochs": 1}), jax.random.key(0))
     loop = training.predict_probs(models, images[:37], batch_size=16, region_parallel="loop")
-    for spec in ("shared_vmap", "shared_vmap:direct", "shared_vmap:fft"):
+    for spec in ("shared_vmap", "shared_vmap:direct", "shared_vmap:fft", "shared_vmap:patches"):
         got = training.predict_probs(models, images[:37], batch_size=16, region_parallel=spec)
         np.testing.assert_allclose(got, loop, rtol=1e-4, atol=1e-5, err_msg=spec)
     bf16 = training.predict_probs(models, images[:37], batch_size=16, region_parallel="shared_vmap:direct+bfloat16")
+    assert np.abs(bf16 - loop).max() < 0.02 and np.abs(bf16 - loop).max() > 0
+    bf16 = training.predict_probs(models, images[:37], batch_size=16, region_parallel="shared_vmap:patches+bfloat16")
     assert np.abs(bf16 - loop).max() < 0.02 and np.abs(bf16 - loop).max() > 0
 
 

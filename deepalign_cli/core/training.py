@@ -546,8 +546,18 @@ def _padded_batches(images, batch_size: int):
 
 
 def _chunked_logits(fn, variables, images, batch_size: int) -> np.ndarray:
-    """Apply a jitted forward over `images` (n, N, N) in fixed-size chunks (last chunk padded)."""
-    out = [np.asarray(fn(variables, x))[:m] for _, m, x in _padded_batches(images, batch_size)]
+    """Apply a jitted forward over `images` (n, N, N) in fixed-size chunks (last chunk padded).
+
+    One chunk stays in flight: the next chunk is read and dispatched before the previous result is
+    copied back, so reading, transfers and the device's work overlap (JAX dispatches asynchronously)."""
+    out, pending = [], None
+    for _, m, x in _padded_batches(images, batch_size):
+        y = fn(variables, x)
+        if pending is not None:
+            out.append(np.asarray(pending[1])[: pending[0]])
+        pending = (m, y)
+    if pending is not None:
+        out.append(np.asarray(pending[1])[: pending[0]])
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
