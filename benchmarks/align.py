@@ -225,7 +225,8 @@ def main():
     ap.add_argument("--scale", type=int, default=1,
                     help="× the particle counts (a GPU needs thousands to amortise its per-call costs)")
     ap.add_argument("--coarse-chunk", type=int, default=None,
-                    help=f"particles per coarse GEMM (search.COARSE_CHUNK, default {search.COARSE_CHUNK}: measured on CPU)")
+                    help=f"particles per coarse GEMM (default search.coarse_chunk(): {search.COARSE_CHUNK} on CPU, "
+                         f"{search.COARSE_CHUNK_ACCEL} on accelerators, as measured)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "align.json")
     args = ap.parse_args()
     counts = {("pairs", 64): 64, ("pairs", 120): 32, ("spread", 64): 84, ("spread", 120): 42}
@@ -235,7 +236,7 @@ def main():
         steps = {64: 5.0, 120: 5.0}
     counts = {k: v * args.scale for k, v in counts.items()}
     if args.coarse_chunk:
-        search.COARSE_CHUNK = args.coarse_chunk
+        search.COARSE_CHUNK = search.COARSE_CHUNK_ACCEL = args.coarse_chunk
     rows = [bench(box, counts[(s, box)], args.step or steps.get(box), args.memory_gb, s) for s in args.settings for box in args.sizes]
     ceiling = _matmul_ceiling()
     meta = {
@@ -246,7 +247,7 @@ def main():
         "jax": jax.__version__,
         "quick": args.quick,
         "scale": args.scale,
-        "coarse_chunk": search.COARSE_CHUNK,
+        "coarse_chunk": search.coarse_chunk(),
         "matmul_ceiling_gflops": ceiling / 1e9,
     }
     print(f"align benchmark ({meta['device']}, {meta['cpu_count']} CPUs, {meta['date']}; "

@@ -45,7 +45,7 @@ keeps the best of (current, +, −) × 9 shifts. 6 projections per pass (18 in a
 full 3 × 3 × 3 grid); the current pose is always a candidate, so the score never decreases.
 
 Particles are scored in power-of-two pieces of a group (no padded particles, at most
-log2(COARSE_CHUNK) + 1 compiled coarse shapes) and refined in fixed-size chunks across groups.
+log2(coarse_chunk()) + 1 compiled coarse shapes) and refined in fixed-size chunks across groups.
 
 The coarse search loops over a dynamic range of reference chunks, so region groups of different
 sizes share one compiled program; :func:`search_particles` chains the three jitted steps for one
@@ -101,6 +101,14 @@ MAX_REF_CHUNK = 512  # references per coarse chunk: GEMMs at full speed (measure
 COARSE_CHUNK = 32  # particles per coarse GEMM (b·S shifted particle rows). Re-measured 2026-11-26 with deepalign's
 # XLA flags (12,000 relion_project particles, C4, 32 px, 29 shifts, 2-core CPU; coarse seconds, whole unit /
 # top-1 regions): 8 → 16.7 / 5.8, 16 → 16.2, 32 → 14.2–14.3 / 4.8, 64 → 14.1 / 4.9, 128 → 14.2; same poses
+COARSE_CHUNK_ACCEL = 256  # the same on accelerators. Measured 2026-11-27 on one H100 (benchmarks/align.py, 512
+# particles at 120 px, 1.43° step, back to back): 32 → 256 restricted search 396 → 475 particles/s, exhaustive
+# 27.0 → 37.7; same poses
+
+
+def coarse_chunk() -> int:
+    """Particles per coarse GEMM on this backend (`COARSE_CHUNK` on CPU, else `COARSE_CHUNK_ACCEL`)."""
+    return COARSE_CHUNK if jax.default_backend() == "cpu" else COARSE_CHUNK_ACCEL
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["flat_index", "kx", "ky", "sqrt_weight"], meta_fields=["box"])
@@ -682,7 +690,7 @@ def align_particles(
     # with D devices every chunk holds D× the single-device chunk (a multiple of D): D = 1 unchanged
     feat_chunk = devices.pad_to_multiple(min(FEATURE_CHUNK * n_dev, _power_of_two_at_least(n)), n_dev)
     ref_chunk = devices.pad_to_multiple(min(REFINE_CHUNK * n_dev, b_chunk * n_dev, _power_of_two_at_least(n)), n_dev)
-    coarse_cap = min(b_chunk, COARSE_CHUNK) * n_dev
+    coarse_cap = min(b_chunk, coarse_chunk()) * n_dev
     member_of = np.zeros((len(galleries), n), bool)
     for g, m in enumerate(members):
         member_of[g, m] = True
