@@ -169,12 +169,36 @@ def _predict(box, n, cfg, parallel, bs, n_regions):
     return jax_predict_rate(box, n, cfg, parallel, bs)
 
 
+def _apply_modifiers(spec: str) -> str:
+    """Strip "@MOD" suffixes off a prediction spec and apply them to this (section's own) process:
+    "@bcast" — the FFT path's channel sum as multiply + reduce (`cnn.SPECTRAL_PRODUCT`);
+    "@scaled" / "@fwd" — inverse FFTs as XLA's own (followed by a scaling pass on GPUs) or as
+    forward transforms of the conjugate (`cnn.INVERSE_BY_FORWARD_FFT`; default: on accelerators);
+    "@sync" — fetch each chunk's result before the next is dispatched (no overlap);
+    "@p23" / "@p2" — FFT lengths with prime factors 2, 3 (or 2) only (`cnn._FFT_PRIMES`)."""
+    spec, *mods = spec.split("@")
+    for mod in mods:
+        if mod == "bcast":
+            cnn.SPECTRAL_PRODUCT = "broadcast"
+        elif mod == "sync":  # the chunk loop before it kept one chunk in flight: each result fetched at once
+            training._chunked_logits = lambda fn, v, images, bs: np.concatenate(
+                [np.asarray(fn(v, x))[:m] for _, m, x in training._padded_batches(images, bs)])
+        elif mod in ("scaled", "fwd"):  # inverse FFTs as XLA's own (scaled) ones / as forward transforms
+            cnn.INVERSE_BY_FORWARD_FFT = "never" if mod == "scaled" else "always"
+        elif mod in ("p23", "p2"):
+            cnn._FFT_PRIMES = (2, 3) if mod == "p23" else (2,)
+        else:
+            raise ValueError(f"unknown modifier @{mod}")
+    return spec
+
+
 def predict_variant(box: int, n: int, cfg: TrainConfig, spec: str, bs: int, n_regions: int) -> dict:
     """particle·region/s of one prediction formulation at a fixed chunk of `bs` images (no memory
     cap): spec "vmap" (every layer vmapped, the model's "auto" convolutions) or
     "shared_vmap:IMPL[+DTYPE]" (`training._logits_shared_vmap_fn`: first layer of all nets as one
     convolution, the rest vmapped), optionally "/TAIL" — the conv implementation of layers 2…
-    ("fft", "direct" or per layer "fft,direct")."""
+    ("fft", "direct" or per layer "fft,direct"), and "@MOD" modifiers (`_apply_modifiers`)."""
+    spec = _apply_modifiers(spec)
     spec, _, tail = spec.partition("/")
     arch = cnn.architecture(cfg, box, 1)
     model = cnn.build_model(arch, "auto")
@@ -203,18 +227,24 @@ def predict_variant(box: int, n: int, cfg: TrainConfig, spec: str, bs: int, n_re
     return r
 
 
-def profile_predict(box: int, n_regions: int, bs: int, cfg: TrainConfig, trace_dir: Path, reps: int = 5) -> dict:
+def profile_predict(box: int, n_regions: int, bs: int, cfg: TrainConfig, trace_dir: Path, reps: int = 5, spec: str = "vmap") -> dict:
     """Where the vmapped prediction's time goes: the device compiler's own cost analysis of the
     program (FLOP, bytes accessed) and a `jax.profiler` trace of `reps` calls on one chunk of `bs`
     images, summarised by op/kernel name (total µs per call, top 25, from the trace's Perfetto
-    JSON; the full trace stays in `trace_dir` for TensorBoard/Perfetto)."""
+    JSON; the full trace stays in `trace_dir` for TensorBoard/Perfetto). spec: "vmap" or
+    "shared_vmap:IMPL[+DTYPE]", with "@MOD" modifiers as in `predict_variant`."""
     import collections
     import gzip
 
+    spec = _apply_modifiers(spec)
     model = cnn.build_model(cnn.architecture(cfg, box, 1), "auto")
     variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
-    fn = training._logits_stacked_fn(model)
+    if spec == "vmap":
+        fn = training._logits_stacked_fn(model)
+    else:
+        first_impl, _, dtype = (spec.partition(":")[2] or "direct").partition("+")
+        fn = training._logits_shared_vmap_fn(model, first_impl, dtype or None)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((bs, box, box)).astype(np.float32))
     cost = fn.lower(stacked, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -271,8 +301,8 @@ def sections(a, cfg: TrainConfig) -> dict:
             todo[f"flops_{box}"] = lambda box=box: _cpu_flops(box, cfg)
         if first and a.conv_layers:
             todo[f"conv_layers_{box}"] = lambda box=box: conv_layers(box, a.regions, cfg)
-        if "train_loop" not in a.skip:
-            todo[f"train_loop_{box}"] = lambda box=box: train_loop(box, a.regions, a.steps, cfg)
+        for mod in a.train_loop_mods if "train_loop" not in a.skip else []:
+            todo[f"train_loop_{box}{mod}"] = lambda box=box, mod=mod: (_apply_modifiers(mod), train_loop(box, a.regions, a.steps, cfg))[1]
         for impl in a.train_impls if first else a.train_impls[:1]:
             todo[f"train_vmap_{box}_{impl}"] = lambda box=box, impl=impl: train_vmap(box, a.regions, a.steps, impl, cfg)
         if "one_region" not in a.skip:
@@ -293,9 +323,9 @@ def sections(a, cfg: TrainConfig) -> dict:
         if "loop" not in a.skip:
             todo[f"predict_loop_{box}"] = lambda box=box: {
                 "particle_regions_per_s": _predict(box, a.predict_n // 4, cfg, "loop", 512, a.regions)}
-        if first and a.profile:
-            todo[f"profile_predict_{box}"] = lambda box=box: profile_predict(
-                box, a.regions, a.predict_batches[-1], cfg, a.out.parent / f"trace_predict_{box}")
+        for spec in a.profile if first else []:
+            todo[f"profile_predict_{box}_{spec}"] = lambda box=box, spec=spec: profile_predict(
+                box, a.regions, a.predict_batches[-1], cfg, a.out.parent / f"trace_predict_{box}_{len(todo)}", spec=spec)
         if first and a.align:
             todo["align_120_pairs"] = lambda: _align(a)
     return todo
@@ -334,8 +364,10 @@ def main() -> None:
     ap.add_argument("--boxes", type=int, nargs="+", default=[120, 64])
     ap.add_argument("--regions", type=int, default=42)
     ap.add_argument("--steps", type=int, default=4, help="training steps per timed epoch")
-    ap.add_argument("--train-impls", nargs="+", default=["auto", "fft/fft/direct", "fft/direct/direct"],
+    ap.add_argument("--train-impls", nargs="*", default=["auto", "fft/fft/direct", "fft/direct/direct"],
                     help="conv implementations (optionally +tf32 / +bf16) for the first box; the other boxes time the first only")
+    ap.add_argument("--train-loop-mods", nargs="*", default=[""],
+                    help="train_loop sections, one per modifier string (e.g. '' '@scaled'; see _apply_modifiers)")
     ap.add_argument("--predict-n", type=int, default=8192)
     ap.add_argument("--predict-batches", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--predict-impl", default="auto", help="conv implementation of the nets in predict")
@@ -348,8 +380,9 @@ def main() -> None:
     ap.add_argument("--matmul-size", type=int, default=8192)
     ap.add_argument("--conv-layers", action="store_true", help="time each conv layer grouped (vmapped) vs one conv")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: flops train_loop one_region shared_trunk loop")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile the vmapped prediction at the first box (cost analysis + jax.profiler trace next to --out)")
+    ap.add_argument("--profile", nargs="*", default=[],
+                    help="profile these prediction specs (as --predict-variants; 'vmap' is predict's default) at the "
+                         "first box: cost analysis + jax.profiler trace next to --out")
     ap.add_argument("--align", action="store_true", help="also benchmarks/align.py --sizes 120 --settings pairs (subprocess)")
     ap.add_argument("--section-timeout", type=float, default=120, help="seconds before a section's process is killed")
     ap.add_argument("--align-timeout", type=float, default=240, help="seconds before the alignment section is killed")
