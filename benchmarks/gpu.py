@@ -171,15 +171,16 @@ def _predict(box, n, cfg, parallel, bs, n_regions):
 
 def _apply_modifiers(spec: str) -> str:
     """Strip "@MOD" suffixes off a prediction spec and apply them to this (section's own) process:
-    "@bcast" — the FFT path's channel sum as multiply + reduce (`cnn.SPECTRAL_PRODUCT`);
+    "@bcast" / "@unroll" — the FFT path's channel sum as multiply + reduce or as a chain of
+    multiply-adds (`cnn.SPECTRAL_PRODUCT`);
     "@scaled" / "@fwd" — inverse FFTs as XLA's own (followed by a scaling pass on GPUs) or as
     forward transforms of the conjugate (`cnn.INVERSE_BY_FORWARD_FFT`; default: on accelerators);
     "@sync" — fetch each chunk's result before the next is dispatched (no overlap);
     "@p23" / "@p2" — FFT lengths with prime factors 2, 3 (or 2) only (`cnn._FFT_PRIMES`)."""
     spec, *mods = spec.split("@")
     for mod in mods:
-        if mod == "bcast":
-            cnn.SPECTRAL_PRODUCT = "broadcast"
+        if mod in ("bcast", "unroll"):
+            cnn.SPECTRAL_PRODUCT = "broadcast" if mod == "bcast" else "unrolled"
         elif mod == "sync":  # the chunk loop before it kept one chunk in flight: each result fetched at once
             training._chunked_logits = lambda fn, v, images, bs: np.concatenate(
                 [np.asarray(fn(v, x))[:m] for _, m, x in training._padded_batches(images, bs)])
@@ -192,26 +193,31 @@ def _apply_modifiers(spec: str) -> str:
     return spec
 
 
-def predict_variant(box: int, n: int, cfg: TrainConfig, spec: str, bs: int, n_regions: int) -> dict:
-    """particle·region/s of one prediction formulation at a fixed chunk of `bs` images (no memory
-    cap): spec "vmap" (every layer vmapped, the model's "auto" convolutions) or
-    "shared_vmap:IMPL[+DTYPE]" (`training._logits_shared_vmap_fn`: first layer of all nets as one
-    convolution, the rest vmapped), optionally "/TAIL" — the conv implementation of layers 2…
-    ("fft", "direct" or per layer "fft,direct"), and "@MOD" modifiers (`_apply_modifiers`)."""
+def _predict_program(spec: str, box: int, n_regions: int, cfg: TrainConfig):
+    """(spec without modifiers and tail, model, stacked random variables, jitted forward) of one
+    prediction spec: "vmap" or "shared_vmap:IMPL[+DTYPE]", "/TAIL", "@MOD" (see `predict_variant`)."""
     spec = _apply_modifiers(spec)
     spec, _, tail = spec.partition("/")
-    arch = cnn.architecture(cfg, box, 1)
-    model = cnn.build_model(arch, "auto")
+    model = cnn.build_model(cnn.architecture(cfg, box, 1), "auto")
     if tail:
         tails = tail.split(",") if "," in tail else [tail] * (len(model.conv_impls) - 1)
         model = model.clone(conv_impls=(model.conv_impls[0], *tails))
     variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
     if spec == "vmap":
-        fn = training._logits_stacked_fn(model)
-    else:
-        first_impl, _, dtype = (spec.partition(":")[2] or "direct").partition("+")
-        fn = training._logits_shared_vmap_fn(model, first_impl, dtype or None)
+        return spec, model, stacked, training._logits_stacked_fn(model)
+    first_impl, _, dtype = (spec.partition(":")[2] or "direct").partition("+")
+    return spec, model, stacked, training._logits_shared_vmap_fn(model, first_impl, dtype or None)
+
+
+def predict_variant(box: int, n: int, cfg: TrainConfig, spec: str, bs: int, n_regions: int) -> dict:
+    """particle·region/s of one prediction formulation at a fixed chunk of `bs` images (no memory
+    cap): spec "vmap" (every layer vmapped, the model's "auto" convolutions) or
+    "shared_vmap:IMPL[+DTYPE]" (`training._logits_shared_vmap_fn`: first layer of all nets as one
+    convolution, the rest vmapped), optionally "/TAIL" — the conv implementation of layers 2…
+    ("fft", "direct" or per layer "fft,direct"), and "@MOD" modifiers (`_apply_modifiers`)."""
+    spec, model, stacked, fn = _predict_program(spec, box, n_regions, cfg)
+    first_impl = (spec.partition(":")[2] or "direct").partition("+")[0]
     images = np.random.default_rng(1).standard_normal((n, box, box)).astype(np.float32)
     t = time.perf_counter()
     ref = training._chunked_logits(fn, stacked, images[:bs], bs)
@@ -236,15 +242,7 @@ def profile_predict(box: int, n_regions: int, bs: int, cfg: TrainConfig, trace_d
     import collections
     import gzip
 
-    spec = _apply_modifiers(spec)
-    model = cnn.build_model(cnn.architecture(cfg, box, 1), "auto")
-    variables = training.init_region_params(jax.random.key(0), cfg, box, n_regions)
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
-    if spec == "vmap":
-        fn = training._logits_stacked_fn(model)
-    else:
-        first_impl, _, dtype = (spec.partition(":")[2] or "direct").partition("+")
-        fn = training._logits_shared_vmap_fn(model, first_impl, dtype or None)
+    _, model, stacked, fn = _predict_program(spec, box, n_regions, cfg)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((bs, box, box)).astype(np.float32))
     cost = fn.lower(stacked, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -316,13 +316,14 @@ def test_s2d_conv_equals_direct_on_rectangular_inputs(k, shape):
     assert float(jnp.max(jnp.abs(s2d - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
 
 
-def test_fft_conv_broadcast_spectral_product_equals_einsum(monkeypatch):
-    """The GPU candidate sum over input channels (multiply + reduce) gives the GEMM's result."""
+@pytest.mark.parametrize("product", ["broadcast", "unrolled"])
+def test_fft_conv_spectral_product_forms_equal_einsum(monkeypatch, product):
+    """The GPU candidate sums over input channels (multiply + reduce, multiply-add chain) give the GEMM's result."""
     kx, kw = jax.random.split(jax.random.key(3))
     x = jax.random.normal(kx, (2, 24, 24, 5))
     w = jax.random.normal(kw, (6, 6, 5, 7)) / 6
     einsum = cnn.conv2d_fft(x, w)
-    monkeypatch.setattr(cnn, "SPECTRAL_PRODUCT", "broadcast")
+    monkeypatch.setattr(cnn, "SPECTRAL_PRODUCT", product)
     bcast = cnn.conv2d_fft(x, w)
     assert float(jnp.max(jnp.abs(bcast - einsum))) < 1e-5 * float(jnp.max(jnp.abs(einsum)))
     assert float(jnp.max(jnp.abs(bcast - cnn.conv2d_direct(x, w)))) < 1e-5 * float(jnp.max(jnp.abs(einsum)))
