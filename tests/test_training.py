@@ -220,6 +220,31 @@ def test_predict_shared_vmap_equals_the_loop():
     assert np.abs(bf16 - loop).max() < 0.02 and np.abs(bf16 - loop).max() > 0
 
 
+@pytest.mark.parametrize("filters", [(4, 8, 8), (3, 5, 6)])  # paired complex planes; odd counts (real transforms)
+@pytest.mark.parametrize("inverse", ["never", "always"])
+def test_predict_with_kernel_spectra_computed_once_equals_the_loop(monkeypatch, filters, inverse):
+    """"vmap_pre" (batch norm folded, every net's kernel spectra computed once per run) gives each
+    net's own eval forward, with the CPU's and the accelerators' inverse transforms alike."""
+    monkeypatch.setattr(cnn, "INVERSE_BY_FORWARD_FFT", inverse)
+    training._fft_eval_fns.cache_clear()  # the setting is read while tracing: no program traced under the other
+    images, labels = _data()
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "conv_filters": filters})
+    models = training.train_regions(images, labels, [0, 1, 2], cfg, jax.random.key(0))
+    loop = training.predict_probs(models, images[:37], batch_size=16, region_parallel="loop")
+    pre = training.predict_probs(models, images[:37], batch_size=16, region_parallel="vmap_pre")
+    np.testing.assert_allclose(pre, loop, rtol=1e-4, atol=1e-5)
+    assert loop.std() > 1e-3  # trained nets, not constant outputs
+    training._fft_eval_fns.cache_clear()
+
+
+def test_predict_with_kernel_spectra_refuses_nets_without_batch_norm():
+    images, labels = _data()
+    models = training.train_regions(images, labels, [0, 1], TrainConfig(**{**TINY, "epochs": 1, "norm": "layer"}),
+                                    jax.random.key(0))
+    with pytest.raises(DeepAlignError, match="vmap_pre"):
+        training.predict_probs(models, images[:8], batch_size=8, region_parallel="vmap_pre")
+
+
 def test_top_k_and_cumulative_rules():
     probs = np.array([[0.1, 0.7, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
     k2 = training.top_k_regions(probs, k=2)

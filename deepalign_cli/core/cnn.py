@@ -171,7 +171,27 @@ def conv2d_direct(x: jax.Array, w: jax.Array, compute_dtype: Any = None) -> jax.
     return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def conv2d_fft(x: jax.Array, w: jax.Array, channels_first_out: bool = False) -> jax.Array:
+def fft_lengths(h: int, wd: int, kh: int, kw: int) -> tuple[int, int]:
+    """Transform lengths (ly, lx) of `conv2d_fft` for an (h, wd) input and a (kh, kw) kernel."""
+    (_, hi_y), (_, hi_x) = _same_pads(kh), _same_pads(kw)
+    return _fft_len(h + hi_y), _fft_len(wd + hi_x)
+
+
+def fft_kernel_spectrum(w: jax.Array, ly: int, lx: int) -> jax.Array:
+    """The kernel's spectrum as `conv2d_fft` multiplies it: for one input channel and an even
+    number of outputs (paired into complex planes) (Cout/2, ly, lx) complex, else the real
+    transforms (Cin, Cout, ly, lx//2+1). w: (kh, kw, Cin, Cout). Depends on the weights only, so
+    prediction computes it once per run (`conv2d_fft`'s `spectrum`) instead of once per batch."""
+    cin, cout = w.shape[2], w.shape[3]
+    if cin == 1 and cout % 2 == 0:
+        half = cout // 2
+        wr = w[::-1, ::-1, 0, :]
+        return jnp.fft.fft2((wr[..., :half] + 1j * wr[..., half:]).transpose(2, 0, 1), s=(ly, lx), axes=(1, 2))
+    return jnp.fft.rfft2(w[::-1, ::-1].transpose(2, 3, 0, 1), s=(ly, lx), axes=(2, 3))
+
+
+def conv2d_fft(x: jax.Array, w: jax.Array, channels_first_out: bool = False, spectrum: jax.Array | None = None,
+               kernel_shape: tuple[int, int, int, int] | None = None) -> jax.Array:
     """Same result as `conv2d_direct` (to float32 rounding, ~1e-6 relative) through real FFTs.
 
     The circular correlation of length L equals the linear one on the H output rows when
@@ -179,37 +199,34 @@ def conv2d_fft(x: jax.Array, w: jax.Array, channels_first_out: bool = False) -> 
     7-smooth length. Cost per image: FFTs of Cin inputs and Cout outputs plus L·(L/2+1)·Cin·Cout
     complex MACs, instead of H·W·k²·Cin·Cout — independent of k.
 
-    x: (B, H, W, Cin) float32.  w: (kh, kw, Cin, Cout) float32.  Returns (B, H, W, Cout) float32,
-    or (B, Cout, H, W) — the layout the transforms leave — when `channels_first_out`."""
+    x: (B, H, W, Cin) float32.  w: (kh, kw, Cin, Cout) float32, or None with `spectrum`
+    (`fft_kernel_spectrum` of it at `fft_lengths`) and `kernel_shape` (kh, kw, Cin, Cout).
+    Returns (B, H, W, Cout) float32, or (B, Cout, H, W) — the layout the transforms leave — when
+    `channels_first_out`."""
     _, h, wd, _ = x.shape
-    kh, kw = w.shape[:2]
-    (_, hi_y), (_, hi_x) = _same_pads(kh), _same_pads(kw)
+    kh, kw, cin, cout = w.shape if w is not None else kernel_shape
     out = (lambda y: y) if channels_first_out else (lambda y: y.transpose(0, 2, 3, 1))
     by_forward = INVERSE_BY_FORWARD_FFT == "always" or (INVERSE_BY_FORWARD_FFT == "auto" and jax.default_backend() != "cpu")
-    ly, lx = _fft_len(h + hi_y), _fft_len(wd + hi_x)
+    ly, lx = fft_lengths(h, wd, kh, kw)
+    wf = fft_kernel_spectrum(w, ly, lx) if spectrum is None else spectrum
     # The transforms run channels-first: XLA:CPU's FFT over the two inner (contiguous) axes is
     # ~2× faster than over the middle axes of an NHWC array (75×75 inverse transforms of
     # 128 × 16 planes: 36 vs 67 ms); only the input and the output are transposed.
     oy, ox = kh - 1 - (kh - 1) // 2, kw - 1 - (kw - 1) // 2
-    cin, cout = w.shape[2], w.shape[3]
     if cin == 1 and cout % 2 == 0:
         # Two real outputs per complex inverse transform: with Z = X·(W_c + i·W_c'), the real
         # part of ifft2(Z) is output channel c and the imaginary part channel c'. XLA:CPU runs
         # half as many complex inverse transforms ~1.8× faster than the real (c2r) ones
         # (75×75, 128 images × 16 channels: 20 vs 36 ms), and the backward pass is likewise
         # complex forward transforms of half as many planes.
-        half = cout // 2
         xf = jnp.fft.fft2(x[..., 0].astype(jnp.complex64), s=(ly, lx), axes=(1, 2))  # (B, ly, lx)
-        wr = w[::-1, ::-1, 0, :]
-        wf = jnp.fft.fft2((wr[..., :half] + 1j * wr[..., half:]).transpose(2, 0, 1), s=(ly, lx), axes=(1, 2))
         if by_forward:  # ifft2(Z) = conj(fft2(conj(Z))) / N
             z = jnp.fft.fft2(jnp.conj(xf[:, None] * wf[None]), axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
             return out(jnp.concatenate([z.real, -z.imag], axis=1) * (1.0 / (ly * lx)))
         z = jnp.fft.ifft2(xf[:, None] * wf[None], axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
         return out(jnp.concatenate([z.real, z.imag], axis=1))
     xf = jnp.fft.rfft2(x.transpose(0, 3, 1, 2), s=(ly, lx), axes=(2, 3))  # (B, Cin, ly, lx//2+1)
-    wf = jnp.fft.rfft2(w[::-1, ::-1].transpose(2, 3, 0, 1), s=(ly, lx), axes=(2, 3))  # (Cin, Cout, ...)
-    if x.shape[-1] == 1:
+    if cin == 1:
         yf = xf * wf[0][None]
     elif SPECTRAL_PRODUCT == "broadcast":
         yf = (xf[:, :, None] * wf[None]).sum(axis=1)
@@ -511,6 +528,34 @@ def tail_eval(model: RegionCNN, params: dict, batch_stats: dict, h: jax.Array) -
     h = h.reshape(h.shape[0], -1)
     h = nn.relu(h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
     return h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+
+
+def fft_eval_prepare(model: RegionCNN, params: dict, batch_stats: dict, box_px: int) -> dict:
+    """Weights of a batch-norm `RegionCNN`, ready for `fft_eval_apply` (FFT convolutions whatever
+    the model's own implementations: they compute the same function): each conv layer's kernel
+    with its batch norm folded in (`fold_batch_norm`) as its spectrum (`fft_kernel_spectrum` at
+    that layer's `fft_lengths`) and bias, and the dense layers. Computed once per prediction run
+    instead of once per batch (jax.vmap it over stacked nets)."""
+    layers, size = [], box_px
+    for i, k in enumerate(model.kernels):
+        w, c = fold_batch_norm(params, batch_stats, i)
+        layers.append({"spectrum": fft_kernel_spectrum(w, *fft_lengths(size, size, k, k)), "bias": c})
+        size //= POOL_PX
+    return {"conv": layers, "dense": [params["Dense_0"], params["Dense_1"]]}
+
+
+def fft_eval_apply(model: RegionCNN, prepared: dict, x: jax.Array) -> jax.Array:
+    """Eval-mode forward from `fft_eval_prepare`'s weights: x (B, N, N, 1) → (B, n_heads)
+    logits, equal to ``model.apply(…, train=False)`` to float32 rounding."""
+    cin = 1
+    for layer, k, filters in zip(prepared["conv"], model.kernels, model.conv_filters):
+        y = conv2d_fft(x, None, channels_first_out=True, spectrum=layer["spectrum"], kernel_shape=(k, k, cin, filters))
+        x = nn.relu(max_pool2(y + layer["bias"][:, None, None], channels_first=True)).transpose(0, 2, 3, 1)
+        cin = filters
+    h = x.reshape(x.shape[0], -1)
+    d0, d1 = prepared["dense"]
+    h = nn.relu(h @ d0["kernel"] + d0["bias"])
+    return h @ d1["kernel"] + d1["bias"]
 
 
 def architecture(cfg: Any, box_px: int, n_heads: int = 1) -> dict:

@@ -484,6 +484,16 @@ def _predict_shared_first(model: cnn.RegionCNN, variables: list, images, batch_s
 
 
 @lru_cache(maxsize=32)
+def _fft_eval_fns(model: cnn.RegionCNN, box: int):
+    """(prepare, forward) of R stacked batch-norm FFT nets with their kernel spectra computed once
+    (`cnn.fft_eval_prepare`, jitted, vmapped over the nets) instead of in every batch's program:
+    prepare(R-stacked variables) -> prepared; forward(prepared, (B, N, N)) -> (B, R)."""
+    prep = jax.vmap(lambda v: cnn.fft_eval_prepare(model, v["params"], v["batch_stats"], box))
+    f = jax.vmap(lambda p, x: cnn.fft_eval_apply(model, p, x[..., None])[:, 0], in_axes=(0, None))
+    return jax.jit(prep), jax.jit(lambda p, x: f(p, x).T)
+
+
+@lru_cache(maxsize=32)
 def _logits_stacked_fn(model: cnn.RegionCNN):
     """Jitted eval forward of R stacked per-region nets: (R-stacked variables, (B, N, N)) -> (B, R)."""
     f = jax.vmap(lambda v, x: model.apply(v, x[..., None], train=False)[:, 0], in_axes=(0, None))
@@ -819,7 +829,8 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     nets as one convolution on the shared images, then each net's rest, see
     `_predict_shared_first`; fastest on CPU), "loop" (one jitted net after another per chunk),
     "vmap" (all nets stacked, one call per chunk; with several devices the stacked region axis
-    is split over them, see the module docstring) or "auto" (on CPU "shared" for batch-norm
+    is split over them, see the module docstring), "vmap_pre" (one device, batch-norm nets:
+    as "vmap" with FFT convolutions whose kernel spectra are computed once, `_fft_eval_fns`) or "auto" (on CPU "shared" for batch-norm
     nets whose first layer is a direct convolution, else "loop"; "vmap" on accelerators). With
     "shared_vmap[:IMPL[+DTYPE]]" (batch-norm nets: the first layer of all nets as one IMPL
     ("direct", the default, or "fft") convolution, in DTYPE (e.g. bfloat16) if given, the other
@@ -848,7 +859,7 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
         out[:] = logits[:, heads]
         return np.asarray(jax.nn.sigmoid(out))
     model = cnn.build_model(first["arch"], "auto")
-    use_vmap = (jax.default_backend() != "cpu") if region_parallel == "auto" else region_parallel == "vmap"
+    use_vmap = (jax.default_backend() != "cpu") if region_parallel == "auto" else region_parallel in ("vmap", "vmap_pre")
     variables = [{"params": models[r]["params"], "batch_stats": models[r]["batch_stats"]} for r in regions]
     shared = region_parallel == "shared" or (region_parallel == "auto" and not use_vmap and model.norm == "batch"
                                               and model.conv_impls[0] == "direct")
@@ -871,6 +882,12 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
         first_impl, _, dtype = (spec or "direct").partition("+")
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
         out[:] = _chunked_logits(_logits_shared_vmap_fn(model, first_impl, dtype or None), stacked, images, batch_size)
+    elif use_vmap and mesh is None and region_parallel == "vmap_pre":
+        if model.norm != "batch":
+            raise DeepAlignError(f"predict: region_parallel 'vmap_pre' needs batch-norm nets, these use {model.norm!r}")
+        prepare, forward = _fft_eval_fns(model.clone(conv_impls=("fft",) * len(model.conv_impls)), images.shape[-1])
+        prepared = prepare(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables))
+        out[:] = _chunked_logits(forward, prepared, images, batch_size)
     elif use_vmap and mesh is None:
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
         out[:] = _chunked_logits(_logits_stacked_fn(model), stacked, images, batch_size)
