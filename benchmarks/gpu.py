@@ -165,6 +165,7 @@ def conv_layers(box: int, n_regions: int, cfg: TrainConfig, reps: int = 5) -> di
 def _predict(box, n, cfg, parallel, bs, n_regions):
     import train_predict
 
+    parallel = _apply_modifiers(parallel)
     train_predict.N_REGIONS = n_regions
     return jax_predict_rate(box, n, cfg, parallel, bs)
 
@@ -195,7 +196,8 @@ def _apply_modifiers(spec: str) -> str:
 
 def _predict_program(spec: str, box: int, n_regions: int, cfg: TrainConfig):
     """(spec without modifiers and tail, model, stacked random variables, jitted forward) of one
-    prediction spec: "vmap" or "shared_vmap:IMPL[+DTYPE]", "/TAIL", "@MOD" (see `predict_variant`)."""
+    prediction spec: "vmap", "vmap_pre" or "shared_vmap:IMPL[+DTYPE]", "/TAIL", "@MOD" (see
+    `predict_variant`)."""
     spec = _apply_modifiers(spec)
     spec, _, tail = spec.partition("/")
     model = cnn.build_model(cnn.architecture(cfg, box, 1), "auto")
@@ -206,6 +208,9 @@ def _predict_program(spec: str, box: int, n_regions: int, cfg: TrainConfig):
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *variables)
     if spec == "vmap":
         return spec, model, stacked, training._logits_stacked_fn(model)
+    if spec == "vmap_pre":  # kernel spectra computed once (`training._fft_eval_fns`), then the same forward per chunk
+        prepare, forward = training._fft_eval_fns(model.clone(conv_impls=("fft",) * len(model.conv_impls)), box)
+        return spec, model, jax.block_until_ready(prepare(stacked)), forward
     first_impl, _, dtype = (spec.partition(":")[2] or "direct").partition("+")
     return spec, model, stacked, training._logits_shared_vmap_fn(model, first_impl, dtype or None)
 
@@ -308,9 +313,10 @@ def sections(a, cfg: TrainConfig) -> dict:
         if "shared_trunk" not in a.skip:
             todo[f"train_shared_trunk_{box}"] = lambda box=box: {
                 "image_steps_per_s": jax_train_rate(box, a.steps * 4, cfg, model_kind="shared_trunk")}
-        for bs in a.predict_batches if first else a.predict_batches[1:2]:
-            todo[f"predict_vmap_{box}_b{bs}"] = lambda box=box, bs=bs: {
-                "particle_regions_per_s": _predict(box, a.predict_n, cfg, "vmap", bs, a.regions)}
+        for mode in a.predict_modes:
+            for bs in a.predict_batches if first else a.predict_batches[1:2]:
+                todo[f"predict_{mode}_{box}_b{bs}"] = lambda box=box, bs=bs, mode=mode: {
+                    "particle_regions_per_s": _predict(box, a.predict_n, cfg, mode, bs, a.regions)}
         for spec in a.predict_variants if first else []:
             for bs in a.variant_batches:
                 todo[f"predict_variant_{box}_{spec}_b{bs}"] = lambda box=box, spec=spec, bs=bs: predict_variant(
@@ -368,10 +374,14 @@ def main() -> None:
                     help="train_loop sections, one per modifier string (e.g. '' '@scaled'; see _apply_modifiers)")
     ap.add_argument("--predict-n", type=int, default=8192)
     ap.add_argument("--predict-batches", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--predict-modes", nargs="*", default=["vmap"],
+                    help="`predict_probs` region_parallel modes timed at --predict-batches (its memory cap applies), "
+                         "with @MOD modifiers, e.g. vmap vmap_pre vmap_pre@unroll")
     ap.add_argument("--predict-impl", default="auto", help="conv implementation of the nets in predict")
     ap.add_argument("--predict-variants", nargs="*", default=[],
                     help="prediction formulations for the first box, at --variant-batches, without the memory cap: "
-                         "vmap[/TAIL] or shared_vmap:IMPL[+DTYPE][/TAIL], e.g. shared_vmap:direct+bfloat16/fft")
+                         "vmap[/TAIL], vmap_pre or shared_vmap:IMPL[+DTYPE][/TAIL], with @MOD modifiers, "
+                         "e.g. shared_vmap:direct+bfloat16/fft, vmap_pre@unroll")
     ap.add_argument("--variant-batches", type=int, nargs="+", default=[256])
     ap.add_argument("--one-region-impls", nargs="*", default=[],
                     help="also train one region alone (ungrouped convolutions) with this conv implementation for every layer")
