@@ -220,9 +220,8 @@ def conv2d_fft(x: jax.Array, w: jax.Array, channels_first_out: bool = False, spe
         # (75×75, 128 images × 16 channels: 20 vs 36 ms), and the backward pass is likewise
         # complex forward transforms of half as many planes.
         xf = jnp.fft.fft2(x[..., 0].astype(jnp.complex64), s=(ly, lx), axes=(1, 2))  # (B, ly, lx)
-        if by_forward:  # ifft2(Z) = conj(fft2(conj(Z))) / N
-            z = jnp.fft.fft2(jnp.conj(xf[:, None] * wf[None]), axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
-            return out(jnp.concatenate([z.real, -z.imag], axis=1) * (1.0 / (ly * lx)))
+        if by_forward:
+            return out(_ifft2_pairs_by_forward(xf[:, None] * wf[None])[:, :, oy : oy + h, ox : ox + wd])
         z = jnp.fft.ifft2(xf[:, None] * wf[None], axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd]
         return out(jnp.concatenate([z.real, z.imag], axis=1))
     xf = jnp.fft.rfft2(x.transpose(0, 3, 1, 2), s=(ly, lx), axes=(2, 3))  # (B, Cin, ly, lx//2+1)
@@ -237,7 +236,7 @@ def conv2d_fft(x: jax.Array, w: jax.Array, channels_first_out: bool = False, spe
     else:
         yf = jnp.einsum("bcyx,cdyx->bdyx", xf, wf)
     if by_forward and cout % 2 == 0:
-        return out(_irfft2_pairs_by_forward(yf, ly, lx)[:, :, oy : oy + h, ox : ox + wd])
+        return out(_irfft2_pairs_by_forward(yf, lx)[:, :, oy : oy + h, ox : ox + wd])
     return out(jnp.fft.irfft2(yf, s=(ly, lx), axes=(2, 3))[:, :, oy : oy + h, ox : ox + wd])
 
 
@@ -249,15 +248,22 @@ def _hermitian_full(h: jax.Array, lx: int) -> jax.Array:
     return jnp.concatenate([h, tail], axis=-1)
 
 
-def _irfft2_pairs_by_forward(yf: jax.Array, ly: int, lx: int) -> jax.Array:
-    """``irfft2(yf, s=(ly, lx))`` over the last two axes, for an even number D of planes on axis 1,
-    as D/2 complex FORWARD transforms: Z = Y_c + i·Y_{c+D/2} (whole spectra), and
-    ifft2(Z) = conj(fft2(conj(Z))) / N has real part channel c and imaginary part c + D/2.
+def _ifft2_pairs_by_forward(z: jax.Array) -> jax.Array:
+    """Real and imaginary parts of ifft2(Z) over the last two axes through a FORWARD transform,
+    ifft2(Z) = conj(fft2(conj(Z))) / N (no separate scaling pass on XLA:GPU): z (B, P, ly, lx)
+    complex → (B, 2P, ly, lx) float32, the P real parts first, then the P imaginary parts."""
+    f = jnp.fft.fft2(jnp.conj(z), axes=(2, 3))
+    return jnp.concatenate([f.real, -f.imag], axis=1) * (1.0 / (z.shape[2] * z.shape[3]))
+
+
+def _irfft2_pairs_by_forward(yf: jax.Array, lx: int) -> jax.Array:
+    """``irfft2(yf, s=(ly, lx))`` over the last two axes (ly = yf.shape[2]), for an even number D of planes on axis 1,
+    as D/2 complex forward transforms (`_ifft2_pairs_by_forward`) of Z = Y_c + i·Y_{c+D/2} (whole
+    spectra), whose inverse has real part channel c and imaginary part c + D/2.
     yf: (B, D, ly, lx//2+1) complex.  Returns (B, D, ly, lx) float32."""
     half = yf.shape[1] // 2
     full = _hermitian_full(yf, lx)
-    z = jnp.fft.fft2(jnp.conj(full[:, :half] + 1j * full[:, half:]), axes=(2, 3))
-    return jnp.concatenate([z.real, -z.imag], axis=1) * (1.0 / (ly * lx))
+    return _ifft2_pairs_by_forward(full[:, :half] + 1j * full[:, half:])
 
 
 def conv2d_patches(x: jax.Array, w: jax.Array, compute_dtype: Any = None) -> jax.Array:
@@ -525,6 +531,11 @@ def tail_eval(model: RegionCNN, params: dict, batch_stats: dict, h: jax.Array) -
     for i in range(1, len(model.conv_filters)):
         w, c = fold_batch_norm(params, batch_stats, i)
         h = nn.relu(max_pool2(_CONVS[model.conv_impls[i]](h, w) + c))
+    return _dense_eval(params, h)
+
+
+def _dense_eval(params: dict, h: jax.Array) -> jax.Array:
+    """Flatten, dense 256 ReLU, heads (eval: dropout is the identity). h: (B, …) → (B, n_heads)."""
     h = h.reshape(h.shape[0], -1)
     h = nn.relu(h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
     return h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
@@ -541,7 +552,7 @@ def fft_eval_prepare(model: RegionCNN, params: dict, batch_stats: dict, box_px: 
         w, c = fold_batch_norm(params, batch_stats, i)
         layers.append({"spectrum": fft_kernel_spectrum(w, *fft_lengths(size, size, k, k)), "bias": c})
         size //= POOL_PX
-    return {"conv": layers, "dense": [params["Dense_0"], params["Dense_1"]]}
+    return {"conv": layers, "dense": {name: params[name] for name in ("Dense_0", "Dense_1")}}
 
 
 def fft_eval_apply(model: RegionCNN, prepared: dict, x: jax.Array) -> jax.Array:
@@ -552,10 +563,7 @@ def fft_eval_apply(model: RegionCNN, prepared: dict, x: jax.Array) -> jax.Array:
         y = conv2d_fft(x, None, channels_first_out=True, spectrum=layer["spectrum"], kernel_shape=(k, k, cin, filters))
         x = nn.relu(max_pool2(y + layer["bias"][:, None, None], channels_first=True)).transpose(0, 2, 3, 1)
         cin = filters
-    h = x.reshape(x.shape[0], -1)
-    d0, d1 = prepared["dense"]
-    h = nn.relu(h @ d0["kernel"] + d0["bias"])
-    return h @ d1["kernel"] + d1["bias"]
+    return _dense_eval(prepared["dense"], x)
 
 
 def architecture(cfg: Any, box_px: int, n_heads: int = 1) -> dict:
