@@ -830,8 +830,9 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     `_predict_shared_first`; fastest on CPU), "loop" (one jitted net after another per chunk),
     "vmap" (all nets stacked, one call per chunk; with several devices the stacked region axis
     is split over them, see the module docstring), "vmap_pre" (one device, batch-norm nets:
-    as "vmap" with FFT convolutions whose kernel spectra are computed once, `_fft_eval_fns`) or "auto" (on CPU "shared" for batch-norm
-    nets whose first layer is a direct convolution, else "loop"; "vmap" on accelerators). With
+    as "vmap" with FFT convolutions whose kernel spectra are computed once, `_fft_eval_fns`) or
+    "auto" (on CPU "shared" for batch-norm nets whose first layer is a direct convolution, else
+    "loop"; "vmap" on accelerators). With
     "shared_vmap[:IMPL[+DTYPE]]" (batch-norm nets: the first layer of all nets as one IMPL
     ("direct", the default, or "fft") convolution, in DTYPE (e.g. bfloat16) if given, the other
     layers vmapped, all in one jitted program, see `_logits_shared_vmap_fn`; with several devices
