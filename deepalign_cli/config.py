@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import DeepAlignError
 
@@ -68,7 +68,11 @@ class PreprocessConfig(_Stage):
 class TrainConfig(_Stage):
     """`deepalign train`: one binary CNN per region (the paper's network by default)."""
 
-    model: Literal["per_region", "shared_trunk"] = "per_region"
+    model: Literal["per_region", "shared_trunk", "polar_trunk"] = Field(
+        "per_region",
+        description="per_region: the paper's nets; shared_trunk: one net, a head per region; polar_trunk: one rotation-invariant "
+        "net on polar-resampled images, a head per region (fastest to the paper's accuracy on CPU, see benchmarks/RESULTS.md)",
+    )
     conv_filters: tuple[int, int, int] = (16, 32, 64)
     kernel_fractions: tuple[float, float, float] = (1 / 3, 1 / 10, 1 / 20)
     dense_units: int = 256
@@ -91,6 +95,12 @@ class TrainConfig(_Stage):
         "auto", description="regions one after another (loop, fastest on one CPU or GPU) or vmapped together; auto: loop on one device, vmap over several GPUs"
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _polar_trunk_uses_batch_norm(self):
+        if self.model == "polar_trunk" and self.norm != "batch":
+            raise ValueError(f"model polar_trunk normalises with batch norm (its pool-first blocks); norm {self.norm!r} is not available")
+        return self
 
 
 class PredictConfig(_Stage):

@@ -94,7 +94,7 @@ def command(
     regions: str = typer.Option(None, "--regions", help="train only these regions, e.g. 0-9,17 (SLURM shards)", show_default=False),
     epochs: int = typer.Option(None, "--epochs", show_default=False),
     images_per_region: int = typer.Option(None, "--images-per-region", show_default=False),
-    model: str = typer.Option(None, "--model", help="per_region (paper) or shared_trunk", show_default=False),
+    model: str = typer.Option(None, "--model", help="per_region (paper), shared_trunk or polar_trunk", show_default=False),
     seed: int = typer.Option(None, "--seed", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch of each region"),
     merge: bool = typer.Option(False, "--merge", help="after SLURM shards: check every region is trained, write metrics, finish the stage"),
@@ -120,8 +120,8 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
         return merge_shards(proj, train_dir, n_regions, tc)
     check_can_run(proj, "train", force or resume or regions is not None)
     requested = todo = parse_regions(regions, n_regions)
-    if tc.model == "shared_trunk" and regions is not None:
-        raise DeepAlignError("--regions: the shared-trunk model trains all regions at once; use model: per_region to shard")
+    if training.is_shared(tc) and regions is not None:
+        raise DeepAlignError(f"--regions: the {tc.model} model trains all regions at once; use model: per_region to shard")
 
     labels_path = proj.root / "label" / "labels.star"
     table = star.read_particles(labels_path)
@@ -134,7 +134,7 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
     digest = settings_digest(tc, cfg.preprocess, hashlib.sha256(labels_path.read_bytes()).digest())
     resume_state = {}
     if resume:
-        todo, resume_state = resume_plan(train_dir, requested, training.SHARED_REGION if tc.model == "shared_trunk" else None, digest)
+        todo, resume_state = resume_plan(train_dir, requested, training.SHARED_REGION if training.is_shared(tc) else None, digest)
     with Timer() as t_load:
         images = src.read(np.arange(len(src)))
 

@@ -582,7 +582,12 @@ def architecture(cfg: Any, box_px: int, n_heads: int = 1) -> dict:
 
 
 def build_model(arch: dict, conv_impl: str = "auto", backend: str | None = None) -> RegionCNN:
-    """RegionCNN from an `architecture` dict; conv_impl "auto" | "direct" | "fft"."""
+    """RegionCNN from an `architecture` dict (a `polar.PolarCNN` for ``arch["model"] ==
+    "polar_trunk"``); conv_impl "auto" | "direct" | "fft" | "s2d" | "patches"."""
+    if arch.get("model") == "polar_trunk":
+        from . import polar  # polar builds on this module's layers
+
+        return polar.build_model(arch, conv_impl, backend)
     kernels = tuple(int(k) for k in arch["kernels"])
     return RegionCNN(
         conv_filters=tuple(int(f) for f in arch["conv_filters"]),

@@ -43,6 +43,11 @@ cross-entropy on logits (``optax.sigmoid_binary_cross_entropy``).
   negative for the others), loss = mean over heads of the balanced (½ pos + ½ neg) BCE. An epoch
   has ``ceil(images_per_region · n_labels / (2 · batch_size))`` steps so every head sees as many
   positives per epoch as a per-region net.
+* **Polar trunk** (``model="polar_trunk"``, beyond the paper, `polar.PolarCNN`): a shared trunk
+  that is rotation-invariant by construction (polar resampling, circular convolutions, maximum
+  over the angle); trained exactly as the shared trunk, except that each batch is augmented and
+  resampled on the polar grid in one interpolation (`polar.polar_augment`). Evaluation and
+  `predict_probs` feed it ordinary images (it resamples them itself).
 * **Shared trunk, softmax** (``shared_loss="softmax"``): the same net and the same stratified
   batches (drawn only from labels that have a head; particles of other labels are not used), but
   the head logits are trained with one softmax cross-entropy on the region label, and
@@ -75,7 +80,7 @@ import optax
 
 from ..errors import DeepAlignError
 from . import augment as augment_mod
-from . import cnn, devices
+from . import cnn, devices, polar
 
 SHARED_REGION = -1  # region id under which the shared-trunk model is checkpointed / resumed
 _INIT_STREAM = 0
@@ -144,8 +149,24 @@ def _epoch_key(key: jax.Array, region: int, epoch: int) -> jax.Array:
     return jax.random.fold_in(_region_key(key, region), 1 + epoch)
 
 
+SHARED_MODELS = ("shared_trunk", "polar_trunk")  # one network with a head per region
+
+
+def is_shared(cfg: Any) -> bool:
+    """True for the models that train one network for all regions (`SHARED_MODELS`)."""
+    return cfg.model in SHARED_MODELS
+
+
 def _n_heads(cfg: Any, n_regions: int) -> int:
-    return n_regions if cfg.model == "shared_trunk" else 1
+    return n_regions if is_shared(cfg) else 1
+
+
+def model_architecture(cfg: Any, box: int, n_heads: int) -> dict:
+    """The checkpoint's ``arch`` dict of cfg.model: `polar.architecture` for the polar trunk, else
+    `cnn.architecture`."""
+    if cfg.model == "polar_trunk":
+        return polar.architecture(cfg, box, n_heads)
+    return cnn.architecture(cfg, box, n_heads)
 
 
 def init_region_params(key: jax.Array, cfg: Any, box: int, n_regions: int, region_ids: Sequence[int] | None = None) -> list:
@@ -154,9 +175,9 @@ def init_region_params(key: jax.Array, cfg: Any, box: int, n_regions: int, regio
     per_region: a list of n_regions variable dicts, region r initialised from fold_in(fold_in(key, r), 0)
     (r = region_ids[i], default i). shared_trunk: a one-element list, one net with n_regions heads,
     initialised from the stream of SHARED_REGION."""
-    arch = cnn.architecture(cfg, box, _n_heads(cfg, n_regions))
+    arch = model_architecture(cfg, box, _n_heads(cfg, n_regions))
     model = cnn.build_model(arch, "direct")
-    if cfg.model == "shared_trunk":
+    if is_shared(cfg):
         return [cnn.init_variables(jax.random.fold_in(_region_key(key, SHARED_REGION), _INIT_STREAM), model, box)]
     ids = list(region_ids) if region_ids is not None else list(range(n_regions))
     return [cnn.init_variables(jax.random.fold_in(_region_key(key, r), _INIT_STREAM), model, box) for r in ids]
@@ -355,18 +376,23 @@ def _shared_epoch_fn(model: cnn.RegionCNN, lr: float, n_steps: int, batch_size: 
 
     loss_kind "one_vs_rest": mean over heads of the balanced BCE; "softmax": mean softmax cross-entropy
     over the heads (every sampled label must have a head). Returns per-head (H,) train loss/acc."""
-    make = jax.vmap(partial(_shared_batch, batch_size=batch_size, max_shift_px=max_shift_px), in_axes=(None,) * 5 + (0,))
+    polar_input = isinstance(model, polar.PolarCNN)
+    make = jax.vmap(partial(_shared_batch, batch_size=batch_size, max_shift_px=max_shift_px, polar_input=polar_input), in_axes=(None,) * 5 + (0,))
     return _pre_batched_epoch(jax.jit(_shared_update_body(model, lr, loss_kind)), jax.jit(make), n_steps, batch_size)
 
 
-def _shared_batch(images, members, counts, img_labels, head_regions, k, batch_size: int, max_shift_px: float):
+def _shared_batch(images, members, counts, img_labels, head_regions, k, batch_size: int, max_shift_px: float,
+                  polar_input: bool = False):
     """A shared-trunk step's batch (labels drawn uniformly, then a member of each), its (B, H)
-    targets and dropout key, from the step key k."""
+    targets and dropout key, from the step key k. polar_input: the images augmented and sampled
+    on the polar trunk's grid in one interpolation (`polar.polar_augment`)."""
     n_labels = members.shape[0]
     k_lab, k_img, k_aug, k_drop = jax.random.split(k, 4)
     lab = jax.random.randint(k_lab, (batch_size,), 0, n_labels)
     idx = members[lab, jax.random.randint(k_img, (batch_size,), 0, counts[lab])]
     y = (img_labels[idx][:, None] == head_regions[None, :]).astype(jnp.float32)
+    if polar_input:
+        return polar.polar_augment(k_aug, images[idx], max_shift_px), y, k_drop
     return augment_mod.augment(k_aug, images[idx], max_shift_px), y, k_drop
 
 
@@ -673,7 +699,7 @@ def train_regions(
             active.append(r)
     if not active:
         return results
-    if cfg.model == "shared_trunk":
+    if is_shared(cfg):
         results.update(_train_shared(train_images, y_train, val_images, y_val, active, cfg, key, box, progress, resume_state, checkpoint_cb))
     else:
         results.update(_train_per_region(train_images, y_train, val_images, y_val, active, cfg, key, box, progress, resume_state, checkpoint_cb))
@@ -758,7 +784,7 @@ def _train_per_region(train_images, y_train, val_images, y_val, regions, cfg, ke
 
 def _train_shared(train_images, y_train, val_images, y_val, regions, cfg, key, box, progress, resume_state, checkpoint_cb):
     softmax = getattr(cfg, "shared_loss", "one_vs_rest") == "softmax"
-    arch = cnn.architecture(cfg, box, len(regions))
+    arch = model_architecture(cfg, box, len(regions))
     if softmax:
         arch["shared_loss"] = "softmax"
     model = cnn.build_model(arch, cfg.conv_impl)
@@ -851,7 +877,7 @@ def predict_probs(models: dict, images, batch_size: int, region_parallel: str = 
     n = images.shape[0]
     out = np.zeros((n, len(regions)), np.float32)
     first = models[regions[0]]
-    if first["arch"]["n_heads"] > 1:  # shared trunk: one forward, pick the heads
+    if first["arch"]["n_heads"] > 1 or first["arch"].get("model") == "polar_trunk":  # one net: one forward, pick the heads
         model = cnn.build_model(first["arch"], "auto")
         logits = _chunked_logits(_logits_fn(model), {"params": first["params"], "batch_stats": first["batch_stats"]}, images, batch_size)
         heads = [int(models[r]["head"]) for r in regions]
