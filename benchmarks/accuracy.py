@@ -21,7 +21,8 @@ Per case (C1, and C4 with a C4-symmetrised map):
    --truth; and ``align --exhaustive`` (whole asymmetric unit, no CNN) from the same reference.
    Settings (`DEEPALIGN_CONFIG`, written to WORKDIR/SYM/deepalign.yaml and stored in the JSON):
    30 Å target resolution (32 px working box, as the demo), 42 regions (C1) / 10 (C4) at 30°, the
-   paper's per-region nets (1,024 images per region and epoch, 512 with --quick; 4 epochs),
+   paper's per-region nets (``--model polar_trunk``: the polar trunk, same budget per region)
+   (1,024 images per region and epoch, 512 with --quick; 4 epochs),
    regions kept by cumulative probability 0.5 (predict --cumulative-p; the mean number kept is
    reported), 7.5° gallery step + local refinement, shifts ≤ 3 working px.
 3. **RELION** (Debian's 3.1.3) from the true map low-passed to 30 Å (``--ini_high 30
@@ -217,11 +218,12 @@ def run_timed(cmd: list[str], cwd: Path, log_path: Path, timeout: float = 7200, 
 QUICK_TRAIN = {"images_per_region": 512}  # --quick: 4 steps per region and epoch
 
 
-def write_deepalign_config(path: Path, sym: str, quick: bool) -> dict:
+def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_region") -> dict:
     import yaml
 
     cfg = json.loads(json.dumps(DEEPALIGN_CONFIG))
     cfg["regions"]["symmetry"] = sym
+    cfg["train"]["model"] = model
     if quick:
         cfg["train"].update(QUICK_TRAIN)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -233,9 +235,9 @@ def _whole_fraction(summary: dict) -> float | None:
     return summary["whole_unit_particles"] / n if n and "whole_unit_particles" in summary else None
 
 
-def run_deepalign(case_dir: Path, sym: str, quick: bool) -> dict:
+def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_region") -> dict:
     cfg_path = case_dir / "deepalign.yaml"
-    cfg = write_deepalign_config(cfg_path, sym, quick)
+    cfg = write_deepalign_config(cfg_path, sym, quick, model)
     p = case_dir / "da"
     if p.exists():
         shutil.rmtree(p)
@@ -389,8 +391,8 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     pose_sets: dict = {}
     own_maps: dict = {}
     if not args.skip_deepalign:
-        da = run_deepalign(case_dir, sym, args.quick)
-        res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")}
+        da = run_deepalign(case_dir, sym, args.quick, args.model)
+        res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")} | {"model": args.model}
         for m in ("deepalign", "exhaustive"):
             methods[m] = {"wall_s": da["wall_s"][m]}
             pose_sets[m], own_maps[m] = da["poses"][m], da["own_maps"][m]
@@ -436,6 +438,8 @@ def markdown(results: list[dict], relion_mode: str) -> str:
     for res in results:
         for m, s in res["methods"].items():
             label = LABELS[m] + (f" ({rl}, {res['relion'].get('iterations')} it.)" if m == "relion" else "")
+            if m == "deepalign" and res.get("deepalign", {}).get("model", "per_region") != "per_region":
+                label = label.replace("CNN regions", f"{res['deepalign']['model']} regions")
             if m == "deepalign" and s.get("mean_regions_kept") is not None:
                 label += f": {s['mean_regions_kept']:.1f} of {s.get('n_regions') or '?'} regions kept"
                 if s.get("whole_unit_fraction"):
@@ -475,6 +479,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new one under /tmp)")
     ap.add_argument("--reuse-data", action="store_true", help="keep WORKDIR/SYM particles when present")
     ap.add_argument("--skip-deepalign", action="store_true")
+    ap.add_argument("--model", choices=["per_region", "polar_trunk", "shared_trunk"], default="per_region",
+                    help="deepalign's region classifier (train.model)")
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
@@ -512,7 +518,7 @@ def main() -> int:
                      "max_astigmatism_ang": MAX_ASTIGMATISM_ANG, **OPTICS, "region_spacing_deg": REGION_SPACING_DEG,
                      "particle_diameter_ang": PARTICLE_DIAMETER_ANG, "relion_reference_lowpass_ang": REFERENCE_LOWPASS_ANG,
                      "relion_mode": args.relion_mode, "relion_iter": args.relion_iter if args.relion_mode == "global" else None,
-                     "relion_healpix_order": args.relion_healpix, "fsc_threshold": FSC_THRESHOLD, "deepalign_config": DEEPALIGN_CONFIG,
+                     "relion_healpix_order": args.relion_healpix, "fsc_threshold": FSC_THRESHOLD, "deepalign_config": DEEPALIGN_CONFIG, "deepalign_model": args.model,
                      "quick_train_override": QUICK_TRAIN if args.quick else None, "seed": args.seed},
         "total_s": time.perf_counter() - t0,
         "workdir": str(work),
