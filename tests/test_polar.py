@@ -163,3 +163,11 @@ def test_cli_trains_and_predicts_with_the_polar_trunk(sim_project_labelled, run_
     probs = np.load(p / "predict" / "probabilities.npy")
     assert probs.shape[0] == 200 and probs.shape[1] >= 1 and np.isfinite(probs).all()
     assert (probs >= 0).all() and (probs <= 1).all()
+
+
+def test_slurm_refuses_to_shard_a_one_net_model(sim_project_labelled, run_cli, tmp_path):
+    cfg = tmp_path / "polar.yaml"
+    cfg.write_text("train: {model: polar_trunk}\n")
+    r = run_cli("slurm", sim_project_labelled, "--stage", "train", "--shards", 4, "--config", cfg)
+    assert r.returncode != 0 and "polar_trunk is one network for all regions" in r.stderr
+    assert not (sim_project_labelled / "slurm").exists()

@@ -26,7 +26,7 @@ from ..errors import DeepAlignError
 from ..io.atomic import write_text_atomic
 from ..io.project import Project
 from ..regionspec import format_regions
-from ._common import CONFIG_OPT, PROJECT_ARG, console
+from ._common import CONFIG_OPT, PROJECT_ARG, console, stage_config
 
 SHARDABLE = ("train", "align")
 
@@ -62,6 +62,13 @@ def command(
     """Write SLURM array scripts that shard a stage over regions."""
     if stage not in SHARDABLE:
         raise DeepAlignError(f"--stage {stage}: only {', '.join(SHARDABLE)} can be sharded; run predict/reconstruct as one job")
+    if stage == "train":
+        from ..core.training import SHARED_MODELS
+
+        _, tc = stage_config(config, "train")
+        if tc.model in SHARED_MODELS:
+            raise DeepAlignError(f"--stage train: model {tc.model} is one network for all regions and trains as one job "
+                                 f"(deepalign train {project}); only model per_region shards over regions")
     proj = Project.open(project)
     proj.require_done("label")
     n_regions = proj.stage("label").get("n_regions")
