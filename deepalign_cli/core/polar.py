@@ -131,19 +131,11 @@ class PolarCNN(nn.Module):
 
 def architecture(cfg: Any, box_px: int, n_heads: int) -> dict:
     """Plain-data description stored in checkpoints (``arch["model"] == "polar_trunk"``)."""
-    n_r, n_theta = grid_shape(box_px)
+    n_r = grid_shape(box_px)[0]
     if n_r < 8:
         raise DeepAlignError(f"polar_trunk needs a working box of at least 16 px (got {box_px} px): three 2×2 pools of {n_r} radii")
-    return {
-        "model": "polar_trunk",
-        "box_px": int(box_px),
-        "conv_filters": [int(f) for f in cfg.conv_filters],
-        "kernels": list(cnn.kernel_sizes(box_px, KERNEL_FRACTIONS)),
-        "dense_units": int(cfg.dense_units),
-        "dropout": float(cfg.dropout),
-        "norm": "batch",
-        "n_heads": int(n_heads),
-    }
+    return {**cnn.architecture(cfg, box_px, n_heads), "model": "polar_trunk",
+            "kernels": list(cnn.kernel_sizes(box_px, KERNEL_FRACTIONS)), "norm": "batch"}
 
 
 def build_model(arch: dict, conv_impl: str = "auto", backend: str | None = None) -> PolarCNN:
