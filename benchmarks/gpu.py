@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_predict import jax_predict_rate, jax_train_rate, predict_flops_per_image, train_step_flops  # noqa: E402
+from train_predict import jax_one_net_predict_rate, jax_predict_rate, jax_train_rate, predict_flops_per_image, train_step_flops  # noqa: E402
 
 from deepalign_cli.config import TrainConfig  # noqa: E402
 from deepalign_cli.core import cnn, training  # noqa: E402
@@ -313,6 +313,11 @@ def sections(a, cfg: TrainConfig) -> dict:
         if "shared_trunk" not in a.skip:
             todo[f"train_shared_trunk_{box}"] = lambda box=box: {
                 "image_steps_per_s": jax_train_rate(box, a.steps * 4, cfg, model_kind="shared_trunk")}
+        if "polar" not in a.skip:  # one rotation-invariant net with a head per region (model: polar_trunk)
+            todo[f"train_polar_trunk_{box}"] = lambda box=box: {
+                "image_steps_per_s": jax_train_rate(box, a.steps * 4, cfg, model_kind="polar_trunk")}
+            todo[f"predict_polar_trunk_{box}"] = lambda box=box: {
+                "particle_regions_per_s": jax_one_net_predict_rate(box, a.predict_n, cfg, "polar_trunk", a.predict_batches[-1])}
         for mode in a.predict_modes:
             for bs in a.predict_batches if first else a.predict_batches[1:2]:
                 todo[f"predict_{mode}_{box}_b{bs}"] = lambda box=box, bs=bs, mode=mode: {
@@ -387,7 +392,7 @@ def main() -> None:
                     help="also train one region alone (ungrouped convolutions) with this conv implementation for every layer")
     ap.add_argument("--matmul-size", type=int, default=8192)
     ap.add_argument("--conv-layers", action="store_true", help="time each conv layer grouped (vmapped) vs one conv")
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: flops train_loop one_region shared_trunk loop")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: flops train_loop one_region shared_trunk polar loop")
     ap.add_argument("--profile", nargs="*", default=[],
                     help="profile these prediction specs (as --predict-variants; 'vmap' is predict's default) at the "
                          "first box: cost analysis + jax.profiler trace next to --out")

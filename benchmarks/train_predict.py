@@ -105,15 +105,15 @@ def jax_train_rate(box, n_steps, cfg, impls=None, model_kind="per_region"):
     cfg = cfg.model_copy(update={"model": model_kind})
     images, labels = _images(512, box)
     imgs = jnp.asarray(images)
-    n_heads = N_REGIONS if model_kind == "shared_trunk" else 1
-    model = cnn.build_model(cnn.architecture(cfg, box, n_heads), cfg.conv_impl)
+    n_heads = N_REGIONS if model_kind in training.SHARED_MODELS else 1
+    model = cnn.build_model(training.model_architecture(cfg, box, n_heads), cfg.conv_impl)
     if impls:
         model = model.clone(conv_impls=tuple(impls))
     v = training.init_region_params(jax.random.key(0), cfg, box, n_heads)[0]
     import optax
 
     opt = optax.adam(cfg.learning_rate).init(v["params"])
-    if model_kind == "shared_trunk":
+    if model_kind in training.SHARED_MODELS:
         fn = training._shared_epoch_fn(model, cfg.learning_rate, n_steps, cfg.batch_size, cfg.max_shift_frac * box)
         members = jnp.asarray(np.stack([np.flatnonzero(labels == r)[:12] for r in range(N_REGIONS)]).astype(np.int32))
         args = (members, jnp.full(N_REGIONS, 12, jnp.int32), jnp.asarray(labels.astype(np.int32)), jnp.arange(N_REGIONS, dtype=jnp.int32))
@@ -134,6 +134,19 @@ def jax_predict_rate(box, n, cfg, region_parallel, batch_size=512):
     training.predict_probs(models, images[:batch_size], batch_size, region_parallel)  # compile
     t = time.perf_counter()
     training.predict_probs(models, images, batch_size, region_parallel)
+    return n * N_REGIONS / (time.perf_counter() - t)
+
+
+def jax_one_net_predict_rate(box, n, cfg, model_kind="polar_trunk", batch_size=512):
+    """particle·region/s of a one-net model (polar or shared trunk) with N_REGIONS heads."""
+    images, _ = _images(n, box, 1)
+    cfg = cfg.model_copy(update={"model": model_kind})
+    arch = training.model_architecture(cfg, box, N_REGIONS)
+    v = training.init_region_params(jax.random.key(0), cfg, box, N_REGIONS)[0]
+    models = {r: {**v, "arch": arch, "head": r} for r in range(N_REGIONS)}
+    training.predict_probs(models, images[:batch_size], batch_size)  # compile
+    t = time.perf_counter()
+    training.predict_probs(models, images, batch_size)
     return n * N_REGIONS / (time.perf_counter() - t)
 
 
