@@ -37,13 +37,17 @@ def rotate_shift(images: jax.Array, angles_deg: jax.Array, shifts_px: jax.Array)
     return jax.vmap(one)(images, angles_deg, shifts_px)
 
 
+def random_rotations_shifts(key: jax.Array, n: int, max_shift_px: float) -> tuple[jax.Array, jax.Array]:
+    """The augmentation's draw: (n,) angles uniform in [0, 360)° and (n, 2) shifts uniform in
+    [−max, max] px per axis."""
+    k_rot, k_shift = jax.random.split(key)
+    angles = jax.random.uniform(k_rot, (n,), minval=0.0, maxval=360.0)
+    shifts = jax.random.uniform(k_shift, (n, 2), minval=-max_shift_px, maxval=max_shift_px)
+    return angles, shifts
+
+
 @partial(jax.jit, static_argnames=("max_shift_px",))
 def augment(key: jax.Array, images: jax.Array, max_shift_px: float) -> jax.Array:
-    """Uniform random rotation in [0, 360)° and uniform random shift in [−max, max] px per axis.
-
-    images: (B, N, N) float32.  Returns (B, N, N) float32."""
-    k_rot, k_shift = jax.random.split(key)
-    b = images.shape[0]
-    angles = jax.random.uniform(k_rot, (b,), minval=0.0, maxval=360.0)
-    shifts = jax.random.uniform(k_shift, (b, 2), minval=-max_shift_px, maxval=max_shift_px)
-    return rotate_shift(images, angles, shifts)
+    """Uniform random rotation in [0, 360)° and uniform random shift in [−max, max] px per axis
+    (`random_rotations_shifts`). images: (B, N, N) float32.  Returns (B, N, N) float32."""
+    return rotate_shift(images, *random_rotations_shifts(key, images.shape[0], max_shift_px))

@@ -40,7 +40,7 @@ import numpy as np
 from jax.scipy.ndimage import map_coordinates
 
 from ..errors import DeepAlignError
-from . import cnn
+from . import augment, cnn
 
 # Kernel widths as fractions of the box: 7, 3, 3 px at 32 px (the measured configuration), the
 # paper's widths for layers 2 and 3 from 60 px on (12 and 6 px at 120 px), a smaller first kernel.
@@ -83,13 +83,10 @@ def to_polar(images: jax.Array, angles_rad: jax.Array | None = None, shifts_px: 
 
 
 def polar_augment(key: jax.Array, images: jax.Array, max_shift_px: float) -> jax.Array:
-    """`to_polar` at a uniform random rotation in [0, 360)° and a uniform random shift in
-    [−max, max] px per axis (the paper's augmentation, sampled once). (B, N, N) → (B, n_r, n_theta)."""
-    k_rot, k_shift = jax.random.split(key)
-    b = images.shape[0]
-    angles = jax.random.uniform(k_rot, (b,), minval=0.0, maxval=2 * np.pi)
-    shifts = jax.random.uniform(k_shift, (b, 2), minval=-max_shift_px, maxval=max_shift_px)
-    return to_polar(images, angles, shifts)
+    """`to_polar` at the paper augmentation's random rotation and shift
+    (`augment.random_rotations_shifts`), sampled once. (B, N, N) → (B, n_r, n_theta)."""
+    angles_deg, shifts = augment.random_rotations_shifts(key, images.shape[0], max_shift_px)
+    return to_polar(images, jnp.deg2rad(angles_deg), shifts)
 
 
 def circular_conv(conv: nn.Module, x: jax.Array, k: int) -> jax.Array:
