@@ -80,7 +80,7 @@ import optax
 
 from ..errors import DeepAlignError
 from . import augment as augment_mod
-from . import cnn, devices, polar
+from . import cnn, coverage, devices, polar
 
 SHARED_REGION = -1  # region id under which the shared-trunk model is checkpointed / resumed
 _INIT_STREAM = 0
@@ -974,14 +974,11 @@ def top_k_regions(probs: np.ndarray, k: int | None = None, cumulative_p: float |
     Returns a list of n int arrays (length k, or variable for the cumulative rule)."""
     if (k is None) == (cumulative_p is None):
         raise DeepAlignError("top-k: give either k or cumulative_p")
-    probs = np.asarray(probs, np.float64)
-    order = np.argsort(-probs, axis=1, kind="stable")
+    order, share = coverage.ranked_shares(probs)
     if k is not None:
-        return list(order[:, : min(int(k), probs.shape[1])])
-    sorted_p = np.take_along_axis(probs, order, axis=1)
-    share = np.cumsum(sorted_p, axis=1) / np.maximum(sorted_p.sum(axis=1, keepdims=True), np.finfo(float).tiny)
-    n_keep = np.minimum((share < cumulative_p - 1e-12).sum(axis=1) + 1, probs.shape[1])
-    return [order[i, : n_keep[i]] for i in range(probs.shape[0])]
+        return list(order[:, : min(int(k), order.shape[1])])
+    n_keep = coverage.kept_counts(share, cumulative_p)
+    return [order[i, : n_keep[i]] for i in range(order.shape[0])]
 
 
 # --------------------------------------------------------------------------- serialisation
