@@ -108,8 +108,16 @@ class PredictConfig(_Stage):
 
     top_k: int = Field(2, gt=0)
     cumulative_p: float | None = Field(None, gt=0, le=1, description="keep regions until their probability mass reaches p")
+    coverage: float | None = Field(None, gt=0, lt=1, description="keep enough regions for the true one to be kept for this share of "
+                                   "the labelled particles held out of training (calibrates cumulative_p)")
     batch_size: int = Field(512, gt=0)
     memory_budget_gb: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if self.cumulative_p is not None and self.coverage is not None:
+            raise ValueError("give either cumulative_p or coverage, not both")
+        return self
 
 
 class AlignConfig(_Stage):

@@ -69,6 +69,24 @@ def histogram(path: Path, values: np.ndarray, xlabel: str, title: str, bins: int
     return save(fig, path)
 
 
+def coverage_curve(path: Path, mean_kept: np.ndarray, hit: np.ndarray, target: float, chosen: tuple[float, float] | None,
+                   n_regions: int, title: str) -> Path:
+    """Share of held-out particles whose true region is kept against the mean number of regions
+    kept, over the cumulative-probability rule's p; the target coverage and the chosen point."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(mean_kept, hit, color="tab:blue", marker=".", ms=3, label="held-out labelled particles")
+    ax.axhline(target, color="tab:red", ls="--", label=f"target {target:g}")
+    if chosen is not None:
+        ax.plot(*chosen, "o", color="tab:red", label=f"chosen: {chosen[0]:.1f} regions")
+    ax.set_xlim(0.8, n_regions + 0.2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"mean regions kept per particle (of {n_regions})")
+    ax.set_ylabel("true region kept")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return save(fig, path)
+
+
 def training_curves(path: Path, df) -> Path:
     """Per-region train/validation loss and accuracy per epoch (thin lines) and their mean (thick)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

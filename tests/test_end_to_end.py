@@ -97,3 +97,45 @@ def test_flat_cumulative_rule_warns_and_align_searches_those_particles_whole(pip
     run_deepalign("align", p, "--config", cfg, "--force", check=True)
     summary = json.loads((p / "align" / "summary.json").read_text())
     assert summary["mean_candidate_regions"] > 3 and summary["whole_unit_particles"] > 0.5 * summary["n_particles"]
+
+
+def test_coverage_rule_keeps_the_true_region_for_the_target_share_of_new_particles(pipeline, tmp_path):
+    """`predict --coverage 0.9` picks the cumulative p on the labelled particles training held out
+    (20 % of each region's share of 600: ~120), so that on the 900 particles no stage has seen the true region is kept
+    for ~90 % of them, where the paper's top-2 rule keeps it for ~40 %. Margin 0.08: the coverage
+    of a split-conformal set from 120 calibration particles has σ ≈ √(0.9·0.1/121) = 0.027, plus
+    0.01 from the 900 test particles (3σ ≈ 0.09; the run is deterministic on CPU)."""
+    import shutil
+
+    p = tmp_path / "P"
+    shutil.copytree(pipeline[0], p)
+    cfg = pipeline[0].parent / "e2e.yaml"
+    r = run_deepalign("predict", p, "--config", cfg, "--coverage", "0.9", "--force", check=True)
+    cal = json.loads((p / "predict" / "calibration.json").read_text())
+    import starfile
+
+    counts = starfile.read(p / "label" / "labels.star")["particles"]["rlnDeepAlignRegion"].value_counts()
+    n_val = sum(round(0.2 * c) for c in counts)  # training's stratified validation split
+    assert 110 <= n_val <= 130 and cal["n_held_out"] == n_val and len(cal["held_out_scores"]) == n_val
+    assert cal["coverage"] == 0.9 and 0 < cal["cumulative_p"] < 1
+    assert cal["held_out_kept_at_p"] >= 0.9  # in-sample, by construction
+    assert f"calibrated on {n_val} held-out labelled particles → cumulative p {cal['cumulative_p']:.4f}" in " ".join(r.stderr.split())
+    assert (p / "predict" / "coverage.png").stat().st_size > 1000
+    run_deepalign("report", p, check=True)
+    rep = json.loads((p / "report" / "report.json").read_text())["predict"]
+    assert rep["held_out"] == 900
+    assert rep["kept_hit_rate"] >= 0.9 - 0.08, rep
+    assert rep["mean_regions_kept"] < 12 and rep["kept_hit_rate"] > rep["hit_rate"]["2"] + 0.2, rep
+    top2 = pipeline[1]["predict"]
+    assert top2["mean_regions_kept"] == 2 and top2["kept_hit_rate"] == pytest.approx(top2["hit_rate"]["2"])
+
+
+def test_predict_takes_one_rule_from_the_command_line(pipeline, tmp_path):
+    p = pipeline[0]
+    r = run_deepalign("predict", p, "--top-k", "2", "--coverage", "0.9", "--force")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].endswith("give one of --top-k, --cumulative-p and --coverage")
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text("predict: {cumulative_p: 0.5, coverage: 0.9}\n")
+    r = run_deepalign("predict", p, "--config", cfg, "--force")
+    assert r.returncode != 0 and "either cumulative_p or coverage" in r.stderr
+    assert (p / "predict" / "predictions.star").exists()  # the earlier result is untouched

@@ -6,17 +6,25 @@ Examples:
     deepalign predict ribo --top-k 3
     deepalign predict ribo --cumulative-p 0.9    # keep regions until 90 % of the probability mass
 
-The rule is either a fixed number (--top-k, default 2) or a cumulative probability mass
+    deepalign predict ribo --coverage 0.95       # keep the true region for 95 % of particles (calibrated)
+
+The rule is one of: a fixed number (--top-k, default 2); a cumulative probability mass
 (--cumulative-p p: regions in descending probability until their share of the particle's total
-reaches p; at least one). Streams the project's particles (memory-mapped, chunked to
+reaches p; at least one); or a coverage (--coverage c: the cumulative rule with the p for which
+the true region is kept for a share c of the labelled particles that training held out for
+validation — split conformal calibration, `core/coverage.py`; nets that are unsure or
+confidently wrong then keep more regions instead of dropping the true one). A rule given on the
+command line replaces the config's. Streams the project's particles (memory-mapped, chunked to
 --memory-budget-gb) through every region net. Writes PROJECT/predict/probabilities.npy
 (particles × regions, float32), predictions.star (the particles with rlnDeepAlignRegions = "3,17",
-rlnDeepAlignRegion1 and rlnDeepAlignProb1) and top1_prob.png.
+rlnDeepAlignRegion1 and rlnDeepAlignProb1) and top1_prob.png; with --coverage also
+calibration.json (the chosen p, the held-out particles' scores) and coverage.png.
 """
 
 from __future__ import annotations
 
 import io as _io
+import json
 import time
 from pathlib import Path
 
@@ -24,6 +32,7 @@ import numpy as np
 import typer
 
 from .. import host_malloc, plots
+from ..config import override
 from ..errors import DeepAlignError
 from ..io import checkpoints as ckpt
 from ..io import star
@@ -32,7 +41,7 @@ from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ..regionspec import format_regions
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
-from .train import n_regions_of
+from .train import n_regions_of, validation_digest, validation_split
 
 FLAT_FRACTION = 0.25  # a cumulative rule keeping more than this share of the regions: the nets say little
 
@@ -50,6 +59,8 @@ def command(
     project: Path = PROJECT_ARG,
     top_k: int = typer.Option(None, "--top-k", "-k", help="keep this many regions per particle (default 2)", show_default=False),
     cumulative_p: float = typer.Option(None, "--cumulative-p", help="instead of --top-k: keep regions until this probability mass", show_default=False),
+    coverage: float = typer.Option(None, "--coverage", help="instead of --top-k: keep enough regions for the true one to be kept for this "
+                                   "share of the labelled particles held out of training (e.g. 0.95)", show_default=False),
     memory_budget_gb: float = typer.Option(None, "--memory-budget-gb", show_default=False),
     config: Path = CONFIG_OPT,
     force: bool = FORCE_OPT,
@@ -57,7 +68,9 @@ def command(
     """Probabilities of every particle for every region; keep the top-k."""
     from ..core import training
 
-    cfg, pc = stage_config(config, "predict", top_k=top_k, cumulative_p=cumulative_p, memory_budget_gb=memory_budget_gb)
+    cfg, pc = stage_config(config, "predict", memory_budget_gb=memory_budget_gb)
+    pc = rule_from_flags(pc, top_k=top_k, cumulative_p=cumulative_p, coverage=coverage)
+    cfg = cfg.model_copy(update={"predict": pc})
     proj = Project.open(project)
     proj.require_done("train")
     check_can_run(proj, "predict", force)
@@ -83,6 +96,7 @@ def command(
     probs = np.zeros((n, n_regions), np.float32)
     chunk = min(src.chunk_size(pc.memory_budget_gb), 8192)
     use = {r: models[r] for r in trained}
+    calibration = calibrate(proj, cfg, use, n_regions, pc) if pc.coverage is not None else None
     with progress() as bar, Timer() as t:
         task = bar.add_task(f"predict {len(trained)} regions", total=n, rate="")
         t0 = time.perf_counter()
@@ -91,7 +105,9 @@ def command(
             done = idx[-1] + 1
             bar.update(task, completed=done, rate=f"{done * len(trained) / max(time.perf_counter() - t0, 1e-9):,.0f} particle·region/s")
 
-    if pc.cumulative_p is not None:
+    if calibration is not None:
+        keep = training.top_k_regions(probs, cumulative_p=calibration["p"])
+    elif pc.cumulative_p is not None:
         keep = training.top_k_regions(probs, cumulative_p=pc.cumulative_p)
     else:
         keep = training.top_k_regions(probs, k=pc.top_k)
@@ -106,15 +122,90 @@ def command(
         star.write_particles(tmp / "predictions.star", out)
         plots.histogram(tmp / "top1_prob.png", probs.max(axis=1), "probability of the top region",
                         f"{n} particles, {len(trained)} region nets")
+        mean_k = float(np.mean([len(k) for k in keep]))
+        if calibration is not None:
+            calibration["mean_regions_kept"] = round(mean_k, 3)
+            write_calibration(tmp, calibration, n_regions)
     pdir = proj.root / "predict"
     rate = n * len(trained) / max(t.seconds, 1e-9)
-    proj.mark_done("predict", outputs=[pdir / "probabilities.npy", pdir / "predictions.star", pdir / "top1_prob.png"],
-                   seconds=t.seconds, config=pc, particle_regions_per_s=round(rate, 1))
-    mean_k = np.mean([len(k) for k in keep])
+    extra_out = [pdir / "calibration.json", pdir / "coverage.png"] if calibration is not None else []
+    proj.mark_done("predict", outputs=[pdir / "probabilities.npy", pdir / "predictions.star", pdir / "top1_prob.png", *extra_out],
+                   seconds=t.seconds, config=pc, particle_regions_per_s=round(rate, 1),
+                   **({"calibrated_cumulative_p": calibration["cumulative_p"]} if calibration is not None else {}))
     console.print(f"[green]predicted[/green] {n} particles × {len(trained)} regions in {t.seconds:.1f} s ({rate:,.0f} particle·region/s); "
                   f"{mean_k:.2f} regions kept per particle → {pdir}/predictions.star")
+    if calibration is not None:
+        c = calibration
+        p_txt = "every region" if c["cumulative_p"] is None else f"cumulative p {c['cumulative_p']:.4f}"
+        console.print(f"coverage {pc.coverage:g}: calibrated on {c['n_held_out']} held-out labelled particles → {p_txt}", highlight=False)
+        if c["cumulative_p"] is None:
+            console.print(f"[yellow]warning:[/yellow] {c['n_held_out']} held-out labelled particles cannot certify coverage {pc.coverage:g} "
+                          f"(it needs ≥ {c['min_held_out']}): every region is kept, so align searches the whole asymmetric unit. "
+                          "More labelled particles, a larger validation_fraction or a lower --coverage narrow it.", highlight=False)
+        elif mean_k > FLAT_FRACTION * len(trained):
+            console.print(f"[yellow]note:[/yellow] --coverage {pc.coverage:g} keeps {mean_k:.1f} of {len(trained)} regions per particle: "
+                          "the nets are not sure enough to narrow the search much (particles whose regions cost as much as the "
+                          "asymmetric unit are searched over all of it).", highlight=False)
     if pc.cumulative_p is not None and mean_k > FLAT_FRACTION * len(trained):
         console.print(f"[yellow]warning:[/yellow] flat probabilities: --cumulative-p {pc.cumulative_p} keeps {mean_k:.1f} of "
                       f"{len(trained)} regions per particle, so align's search is barely narrowed (particles whose regions "
                       "cost as much as the asymmetric unit are searched over all of it). More labelled particles or "
                       "training sharpen the nets; `align --exhaustive` skips them.", highlight=False)
+
+
+def rule_from_flags(pc, top_k: int | None, cumulative_p: float | None, coverage: float | None):
+    """The predict config with the command line's rule (at most one flag) replacing the config's."""
+    given = {k: v for k, v in {"top_k": top_k, "cumulative_p": cumulative_p, "coverage": coverage}.items() if v is not None}
+    if len(given) > 1:
+        raise DeepAlignError("command-line options: give one of --top-k, --cumulative-p and --coverage")
+    if not given:
+        return pc
+    return override(pc.model_copy(update={"cumulative_p": None, "coverage": None}), **given)
+
+
+def calibrate(proj: Project, cfg, models: dict, n_regions: int, pc) -> dict:
+    """Cumulative p for `pc.coverage` from the labelled particles the training run held out for
+    validation (the same split: training's seed, validation fraction and labels)."""
+    from ..core import coverage, training
+
+    labels_path = proj.root / "label" / "labels.star"
+    tc = (proj.state.get("config") or {}).get("train") or {}
+    fraction, seed = tc.get("validation_fraction"), tc.get("seed")
+    if fraction is None or seed is None:
+        raise DeepAlignError(f"{proj.root}: the train stage recorded no validation split; rerun deepalign train --force")
+    if fraction <= 0:
+        raise DeepAlignError(f"--coverage: {labels_path}: training held out no labelled particles (validation_fraction 0); "
+                             "use --top-k or --cumulative-p, or train with a validation split")
+    table = star.read_particles(labels_path)
+    y = table.particles["rlnDeepAlignRegion"].to_numpy(int)
+    val_idx = validation_split(y, seed, fraction)
+    recorded = proj.stage("train").get("validation_sha256")
+    if recorded is not None and recorded != validation_digest(val_idx):
+        raise DeepAlignError(f"--coverage: {labels_path}: the labelled particles held out of training are not those the train stage "
+                             "recorded (labels changed since training?); rerun deepalign train --force")
+    src = ParticleSource(table, cfg.preprocess)
+    trained = sorted(models)
+    probs = np.zeros((len(val_idx), n_regions), np.float32)
+    if len(val_idx):
+        probs[:, trained] = training.predict_probs(models, src.read(val_idx), pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
+    s = coverage.scores(probs, y[val_idx])
+    p = coverage.calibrated_p(s, pc.coverage)
+    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, 201)[1:], s]))
+    hit, mean_k = coverage.curve(probs, y[val_idx], grid)
+    at_p = {"held_out_kept_at_p": None, "held_out_mean_regions_at_p": None}
+    if len(val_idx):
+        h, m = coverage.curve(probs, y[val_idx], [p])
+        at_p = {"held_out_kept_at_p": float(h[0]), "held_out_mean_regions_at_p": float(m[0])}
+    return {"coverage": pc.coverage, "n_held_out": int(len(val_idx)), "min_held_out": coverage.min_held_out(pc.coverage),
+            "p": p, "cumulative_p": None if not np.isfinite(p) else p,
+            **at_p,
+            "held_out_scores": [round(float(v), 6) for v in s], "curve": {"p": grid.tolist(), "kept": hit.tolist(), "mean_regions": mean_k.tolist()}}
+
+
+def write_calibration(folder: Path, c: dict, n_regions: int) -> None:
+    (folder / "calibration.json").write_text(json.dumps({k: v for k, v in c.items() if k != "p"}, indent=1))
+    chosen = None
+    if c["n_held_out"]:
+        chosen = (c["held_out_mean_regions_at_p"], c["held_out_kept_at_p"])
+    plots.coverage_curve(folder / "coverage.png", np.asarray(c["curve"]["mean_regions"]), np.asarray(c["curve"]["kept"]), c["coverage"],
+                         chosen, n_regions, f"predict --coverage {c['coverage']:g}: {c['n_held_out']} held-out labelled particles")

@@ -74,6 +74,11 @@ def command(
             held[i_lab_pred] = False
         rep["predict"] = {"held_out": int(held.sum()), "hit_rate": evaluation.region_hit_rates(probs[held], true_reg[held]),
                           "chance_top1": 1.0 / len(centres)}
+        if "rlnDeepAlignRegions" in pred.particles:  # the regions predict kept (its rule: top-k, cumulative p or coverage)
+            kept = [[int(x) for x in str(v).split(",") if x.strip()] for v in pred.particles["rlnDeepAlignRegions"].iloc[i_pred]]
+            in_kept = np.array([t in k for t, k in zip(true_reg, kept)])
+            rep["predict"]["kept_hit_rate"] = float(in_kept[held].mean()) if held.any() else None
+            rep["predict"]["mean_regions_kept"] = float(np.mean([len(k) for k, h in zip(kept, held) if h])) if held.any() else None
     # aligned sets: angular error
     curves = {}
     for label, rel in ALIGNED_SETS.items():
@@ -111,6 +116,8 @@ def _markdown(rep: dict) -> str:
         p = rep["predict"]
         lines += ["## predict (held-out particles)", "", "| top-k | hit rate |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in p["hit_rate"].items()]
+        if p.get("kept_hit_rate") is not None:
+            lines.append(f"| regions kept by predict ({p['mean_regions_kept']:.2f} per particle) | {p['kept_hit_rate']:.3f} |")
         lines += [f"", f"{p['held_out']} held-out particles; chance top-1 = {p['chance_top1']:.3f}", ""]
     if "align" in rep:
         lines += ["## angular error vs truth", "", "| set | n | median (°) | 90th pct (°) | ≤ 5° | ≤ 10° | median shift error (px) |", "|---|---|---|---|---|---|---|"]
@@ -134,6 +141,8 @@ def _print(rep: dict) -> None:
         t.add_column("top-k"); t.add_column("hit rate", justify="right")
         for k, v in rep["predict"]["hit_rate"].items():
             t.add_row(str(k), f"{v:.3f}")
+        if rep["predict"].get("kept_hit_rate") is not None:
+            t.add_row(f"kept ({rep['predict']['mean_regions_kept']:.2f})", f"{rep['predict']['kept_hit_rate']:.3f}")
         console.print(t)
     if "align" in rep:
         t = Table(title="angular error vs truth")

@@ -173,7 +173,8 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
         return
     write_metrics(train_dir, n_regions)
     proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"],
-                   seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang, shards_done=shards)
+                   seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang, shards_done=shards,
+                   **validation_record(y, tc))
 
 
 def record_shard(proj: Project, spec: str) -> list[str]:
@@ -217,6 +218,26 @@ def _entry_digest(path: Path) -> str | None:
     return ckpt.read_entry(path).get(SETTINGS_KEY) if path.is_file() else None
 
 
+def validation_split(labels: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Indices (into labels.star) of the labelled particles training holds out for validation."""
+    import jax
+
+    from ..core import training
+
+    return training.split_train_val(jax.random.key(int(seed)), labels, float(fraction))[1]
+
+
+def validation_record(labels: np.ndarray, tc) -> dict:
+    """What the train stage records of its validation split, for `predict --coverage` to check
+    that it calibrates on exactly those particles."""
+    val = validation_split(labels, tc.seed, tc.validation_fraction)
+    return {"validation_particles": int(val.size), "validation_sha256": validation_digest(val)}
+
+
+def validation_digest(val_idx: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(val_idx).astype("<i8").tobytes()).hexdigest()
+
+
 def merge_shards(proj: Project, train_dir: Path, n_regions: int, tc) -> None:
     missing = sorted(set(range(n_regions)) - set(ckpt.existing_regions(train_dir)))
     if missing:
@@ -225,7 +246,8 @@ def merge_shards(proj: Project, train_dir: Path, n_regions: int, tc) -> None:
     record = proj.stage("train")
     first = ckpt.read_entry(ckpt.region_file(train_dir, 0))
     proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"], seconds=record.get("seconds"),
-                   config=tc, box=first.get("box"), pixel_ang=first.get("pixel_ang"), shards_done=record.get("shards_done", []))
+                   config=tc, box=first.get("box"), pixel_ang=first.get("pixel_ang"), shards_done=record.get("shards_done", []),
+                   **validation_record(star.read_particles(proj.root / "label" / "labels.star").particles["rlnDeepAlignRegion"].to_numpy(int), tc))
     console.print(f"[green]merged[/green] {n_regions} region checkpoints → {train_dir}/metrics.json")
 
 
