@@ -24,7 +24,7 @@ Per case (C1, and C4 with a C4-symmetrised map):
    paper's per-region nets (``--model polar_trunk``: the polar trunk, same budget per region)
    (1,024 images per region and epoch, 512 with --quick; 4 epochs),
    regions kept by cumulative probability 0.5 (predict --cumulative-p; the mean number kept is
-   reported), 7.5° gallery step + local refinement, shifts ≤ 3 working px.
+   reported) or, with ``--coverage C``, by predict's calibrated coverage rule, 7.5° gallery step + local refinement, shifts ≤ 3 working px.
 3. **RELION** (Debian's 3.1.3) from the true map low-passed to 30 Å (``--ini_high 30
    --firstiter_cc``), ``--ctf --particle_diameter 300 --sym C1|C4 --healpix_order 2`` (7.5°,
    oversampled once to 3.75° in the fine pass), offsets ±5 px in steps of 2, ``--norm --scale``.
@@ -218,12 +218,14 @@ def run_timed(cmd: list[str], cwd: Path, log_path: Path, timeout: float = 7200, 
 QUICK_TRAIN = {"images_per_region": 512}  # --quick: 4 steps per region and epoch
 
 
-def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_region") -> dict:
+def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None) -> dict:
     import yaml
 
     cfg = json.loads(json.dumps(DEEPALIGN_CONFIG))
     cfg["regions"]["symmetry"] = sym
     cfg["train"]["model"] = model
+    if coverage is not None:
+        cfg["predict"] = {"coverage": coverage}
     if quick:
         cfg["train"].update(QUICK_TRAIN)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -235,9 +237,9 @@ def _whole_fraction(summary: dict) -> float | None:
     return summary["whole_unit_particles"] / n if n and "whole_unit_particles" in summary else None
 
 
-def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_region") -> dict:
+def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None) -> dict:
     cfg_path = case_dir / "deepalign.yaml"
-    cfg = write_deepalign_config(cfg_path, sym, quick, model)
+    cfg = write_deepalign_config(cfg_path, sym, quick, model, coverage)
     p = case_dir / "da"
     if p.exists():
         shutil.rmtree(p)
@@ -391,8 +393,8 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     pose_sets: dict = {}
     own_maps: dict = {}
     if not args.skip_deepalign:
-        da = run_deepalign(case_dir, sym, args.quick, args.model)
-        res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")} | {"model": args.model}
+        da = run_deepalign(case_dir, sym, args.quick, args.model, args.coverage)
+        res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")} | {"model": args.model, "coverage": args.coverage}
         for m in ("deepalign", "exhaustive"):
             methods[m] = {"wall_s": da["wall_s"][m]}
             pose_sets[m], own_maps[m] = da["poses"][m], da["own_maps"][m]
@@ -400,6 +402,7 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
         methods["deepalign"]["top2_hit_rate"] = hit.get("2", hit.get(2))
         methods["deepalign"]["top1_hit_rate"] = hit.get("1", hit.get(1))
         methods["deepalign"]["mean_regions_kept"] = da["mean_regions_kept"]
+        methods["deepalign"]["kept_hit_rate"] = (da["report"].get("predict") or {}).get("kept_hit_rate")
         methods["deepalign"]["whole_unit_fraction"] = da["whole_unit_fraction"]
         methods["deepalign"]["n_regions"] = da["report"].get("n_regions")
     res["load_mid"] = load_average()
@@ -440,6 +443,10 @@ def markdown(results: list[dict], relion_mode: str) -> str:
             label = LABELS[m] + (f" ({rl}, {res['relion'].get('iterations')} it.)" if m == "relion" else "")
             if m == "deepalign" and res.get("deepalign", {}).get("model", "per_region") != "per_region":
                 label = label.replace("CNN regions", f"{res['deepalign']['model']} regions")
+            if m == "deepalign" and res.get("deepalign", {}).get("coverage") is not None:
+                label = label.replace("cumulative p 0.5", f"coverage {res['deepalign']['coverage']:g}")
+            if m == "deepalign" and s.get("kept_hit_rate") is not None:
+                label += f" (true region kept for {s['kept_hit_rate']:.3f})"
             if m == "deepalign" and s.get("mean_regions_kept") is not None:
                 label += f": {s['mean_regions_kept']:.1f} of {s.get('n_regions') or '?'} regions kept"
                 if s.get("whole_unit_fraction"):
@@ -482,6 +489,8 @@ def main() -> int:
     ap.add_argument("--model", choices=["per_region", "polar_trunk", "shared_trunk"], default="per_region",
                     help="deepalign's region classifier (train.model)")
     ap.add_argument("--skip-relion", action="store_true")
+    ap.add_argument("--coverage", type=float, default=None,
+                    help="predict --coverage C (calibrated on the held-out labelled particles) instead of cumulative p 0.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
     args = ap.parse_args()
