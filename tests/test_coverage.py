@@ -60,6 +60,9 @@ def test_calibrated_p_is_the_conformal_quantile_and_refuses_too_few():
     assert coverage.calibrated_p(s, 0.95) == pytest.approx(0.95)  # rank ⌈20 · 0.95⌉ = 19: the largest
     assert coverage.calibrated_p(s[:18], 0.95) == math.inf  # 18 < 19: every region
     assert coverage.calibrated_p(s, 0.5) == pytest.approx(0.5)  # rank ⌈20 · 0.5⌉ = 10
+    for c in (0.8, 0.9, 0.95, 0.99, 0.999):  # exactly min_held_out scores suffice, one fewer does not
+        n = coverage.min_held_out(c)
+        assert np.isfinite(coverage.calibrated_p(np.linspace(0, 1, n), c)) and coverage.calibrated_p(np.linspace(0, 1, n - 1), c) == math.inf
     with pytest.raises(DeepAlignError, match="between 0 and 1"):
         coverage.calibrated_p(s, 1.0)
 

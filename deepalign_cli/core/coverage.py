@@ -73,14 +73,14 @@ def calibrated_p(held_out_scores: np.ndarray, coverage: float) -> float:
     if not 0 < coverage < 1:
         raise DeepAlignError(f"coverage: {coverage} is not between 0 and 1")
     s = np.sort(np.asarray(held_out_scores, np.float64))
-    rank = math.ceil((s.size + 1) * coverage)
+    rank = math.ceil((s.size + 1) * coverage - 1e-9)  # tolerance: (n + 1)·c is an integer at n = min_held_out
     if rank > s.size:
         return math.inf
     return float(s[rank - 1])
 
 
 def min_held_out(coverage: float) -> int:
-    """Fewest held-out particles for which `calibrated_p` can certify `coverage` below p = 1."""
+    """Fewest held-out particles with which `calibrated_p` certifies `coverage` (with fewer it keeps every region)."""
     return math.ceil(coverage / (1 - coverage) - 1e-9)
 
 
