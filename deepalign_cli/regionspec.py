@@ -1,4 +1,4 @@
-"""Region selections for sharding (`--regions 0-9,17`)."""
+"""Region selections for sharding (`--regions 0-9,17`) and predict's kept regions per particle ("3,17")."""
 
 from __future__ import annotations
 
@@ -39,3 +39,9 @@ def format_regions(regions: list[int]) -> str:
         parts.append(str(regions[i]) if i == j else f"{regions[i]}-{regions[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+def region_lists(values) -> list[list[int]]:
+    """predictions.star's rlnDeepAlignRegions values ("3,17", best first) → [[3, 17], …].
+    Raises ValueError on a part that is not an integer."""
+    return [[int(x) for x in str(v).split(",") if x.strip()] for v in values]

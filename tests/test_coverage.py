@@ -151,3 +151,15 @@ def test_cli_without_enough_held_out_particles_keeps_every_region_and_says_so(si
                                                      "use --top-k or --cumulative-p, or train with a validation split")
     assert "labels.star" in r.stderr
     assert (p / "predict" / "predictions.star").read_bytes() == before
+
+
+def test_calibrate_reports_the_chosen_point_on_its_curve():
+    rng = np.random.default_rng(4)
+    probs, true = _particles(rng, 200)
+    c = coverage.calibrate(probs, true, 0.9)
+    assert c["cumulative_p"] == c["p"] == coverage.calibrated_p(coverage.scores(probs, true), 0.9)
+    assert c["held_out_kept_at_p"] >= 0.9 and c["n_held_out"] == 200  # in-sample coverage at the conformal quantile
+    i = np.searchsorted(c["curve"]["p"], c["p"])
+    assert c["curve"]["p"][i] == c["p"] and c["curve"]["kept"][i] == c["held_out_kept_at_p"]
+    empty = coverage.calibrate(np.zeros((0, R)), np.zeros(0, int), 0.9)
+    assert empty["p"] == math.inf and empty["cumulative_p"] is None and empty["held_out_kept_at_p"] is None

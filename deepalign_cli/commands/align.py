@@ -58,6 +58,7 @@ from ..io import mrc, star
 from ..io.atomic import atomic_write, staged_dir, write_text_atomic
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
+from ..regionspec import region_lists
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
 from .reconstruct import project_preprocess, reconstruct_particles
 from .symmetry_arg import operators_for
@@ -95,7 +96,7 @@ def read_predictions(proj: Project, table: star.ParticleTable, n_regions: int, t
     if len(pred) != len(table) or ("rlnImageName" in pred and list(pred["rlnImageName"].astype(str)) != star.image_names(table)):
         raise DeepAlignError(f"{path}: does not list the project's {len(table)} particles in order; rerun deepalign predict --force")
     try:
-        cands = [[int(x) for x in str(v).split(",") if x.strip()] for v in pred[PREDICTIONS_COLUMN]]
+        cands = region_lists(pred[PREDICTIONS_COLUMN])
     except ValueError:
         raise DeepAlignError(f"{path}: {PREDICTIONS_COLUMN} must hold comma-separated region indices such as '3,17'")
     if top_k is not None:

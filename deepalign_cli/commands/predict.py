@@ -188,24 +188,16 @@ def calibrate(proj: Project, cfg, models: dict, n_regions: int, pc) -> dict:
     probs = np.zeros((len(val_idx), n_regions), np.float32)
     if len(val_idx):
         probs[:, trained] = training.predict_probs(models, src.read(val_idx), pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
-    s = coverage.scores(probs, y[val_idx])
-    p = coverage.calibrated_p(s, pc.coverage)
-    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, 201)[1:], s]))
-    hit, mean_k = coverage.curve(probs, y[val_idx], grid)
-    at_p = {"held_out_kept_at_p": None, "held_out_mean_regions_at_p": None}
-    if len(val_idx):
-        h, m = coverage.curve(probs, y[val_idx], [p])
-        at_p = {"held_out_kept_at_p": float(h[0]), "held_out_mean_regions_at_p": float(m[0])}
-    return {"coverage": pc.coverage, "n_held_out": int(len(val_idx)), "min_held_out": coverage.min_held_out(pc.coverage),
-            "p": p, "cumulative_p": None if not np.isfinite(p) else p,
-            **at_p,
-            "held_out_scores": [round(float(v), 6) for v in s], "curve": {"p": grid.tolist(), "kept": hit.tolist(), "mean_regions": mean_k.tolist()}}
+    return coverage.calibrate(probs, y[val_idx], pc.coverage)
 
 
 def write_calibration(folder: Path, c: dict, n_regions: int) -> None:
-    (folder / "calibration.json").write_text(json.dumps({k: v for k, v in c.items() if k != "p"}, indent=1))
+    plain = {k: v for k, v in c.items() if k not in ("p", "scores", "curve")}
+    plain["held_out_scores"] = [round(float(v), 6) for v in c["scores"]]
+    plain["curve"] = {k: np.asarray(v).tolist() for k, v in c["curve"].items()}
+    (folder / "calibration.json").write_text(json.dumps(plain, indent=1))
     chosen = None
     if c["n_held_out"]:
         chosen = (c["held_out_mean_regions_at_p"], c["held_out_kept_at_p"])
-    plots.coverage_curve(folder / "coverage.png", np.asarray(c["curve"]["mean_regions"]), np.asarray(c["curve"]["kept"]), c["coverage"],
+    plots.coverage_curve(folder / "coverage.png", c["curve"]["mean_regions"], c["curve"]["kept"], c["coverage"],
                          chosen, n_regions, f"predict --coverage {c['coverage']:g}: {c['n_held_out']} held-out labelled particles")

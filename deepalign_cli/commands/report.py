@@ -28,6 +28,7 @@ from ..errors import DeepAlignError
 from ..io import star
 from ..io.atomic import write_text_atomic
 from ..io.project import Project
+from ..regionspec import region_lists
 from ._common import PROJECT_ARG, console
 from .symmetry_arg import operators_for
 
@@ -75,7 +76,7 @@ def command(
         rep["predict"] = {"held_out": int(held.sum()), "hit_rate": evaluation.region_hit_rates(probs[held], true_reg[held]),
                           "chance_top1": 1.0 / len(centres)}
         if "rlnDeepAlignRegions" in pred.particles:  # the regions predict kept (its rule: top-k, cumulative p or coverage)
-            kept = [[int(x) for x in str(v).split(",") if x.strip()] for v in pred.particles["rlnDeepAlignRegions"].iloc[i_pred]]
+            kept = region_lists(pred.particles["rlnDeepAlignRegions"].iloc[i_pred])
             in_kept = np.array([t in k for t, k in zip(true_reg, kept)])
             rep["predict"]["kept_hit_rate"] = float(in_kept[held].mean()) if held.any() else None
             rep["predict"]["mean_regions_kept"] = float(np.mean([len(k) for k, h in zip(kept, held) if h])) if held.any() else None

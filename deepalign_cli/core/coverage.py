@@ -94,3 +94,20 @@ def curve(probs: np.ndarray, true_region: np.ndarray, ps: np.ndarray) -> tuple[n
         hit.append(float(np.mean(pos < k)) if len(pos) else math.nan)
         mean_k.append(float(np.mean(k)) if len(k) else math.nan)
     return np.asarray(hit), np.asarray(mean_k)
+
+
+def calibrate(probs: np.ndarray, true_region: np.ndarray, coverage: float) -> dict:
+    """Everything `predict --coverage` reports from the held-out particles' probabilities (n, R)
+    and true regions (n,): "p" (`calibrated_p`; inf: keep every region), "cumulative_p" (the
+    same, None for inf), the held-out share kept and mean regions kept at p, "min_held_out", the
+    "scores", and the trade-off "curve" {p, kept, mean_regions} over a grid of p (for a plot)."""
+    s = scores(probs, true_region)
+    p = calibrated_p(s, coverage)
+    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, 201)[1:], s]))
+    hit, mean_k = curve(probs, true_region, grid)
+    at_p = curve(probs, true_region, [p]) if len(s) else (np.array([math.nan]), np.array([math.nan]))
+    finite = lambda v: float(v) if np.isfinite(v) else None
+    return {"coverage": coverage, "n_held_out": int(len(s)), "min_held_out": min_held_out(coverage),
+            "p": p, "cumulative_p": finite(p),
+            "held_out_kept_at_p": finite(at_p[0][0]), "held_out_mean_regions_at_p": finite(at_p[1][0]),
+            "scores": s, "curve": {"p": grid, "kept": hit, "mean_regions": mean_k}}
