@@ -65,7 +65,7 @@ def command(
     config: Path = CONFIG_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
-    """Probabilities of every particle for every region; keep the top-k."""
+    """Probabilities of every particle for every region; keep its best regions (top-k, cumulative p or calibrated coverage)."""
     from ..core import training
 
     cfg, pc = stage_config(config, "predict", memory_budget_gb=memory_budget_gb)
