@@ -68,16 +68,15 @@ class PreprocessConfig(_Stage):
 class TrainConfig(_Stage):
     """`deepalign train`: one binary CNN per region (the paper's network by default)."""
 
-    model: Literal["per_region", "shared_trunk", "polar_trunk"] = Field(
+    model: Literal["per_region", "polar_trunk"] = Field(
         "per_region",
-        description="per_region: the paper's nets; shared_trunk: one net, a head per region; polar_trunk: one rotation-invariant "
-        "net on polar-resampled images, a head per region (fastest to the paper's accuracy on CPU, see benchmarks/RESULTS.md)",
+        description="per_region: the paper's nets; polar_trunk: one rotation-invariant net on polar-resampled images, a head per "
+        "region (fastest to the paper's accuracy on CPU, see benchmarks/RESULTS.md); chosen in core/models.py",
     )
     conv_filters: tuple[int, int, int] = (16, 32, 64)
     kernel_fractions: tuple[float, float, float] = (1 / 3, 1 / 10, 1 / 20)
     dense_units: int = 256
     dropout: float = Field(0.2, ge=0, lt=1)
-    norm: Literal["batch", "group", "layer"] = "batch"
     learning_rate: float = Field(2e-3, gt=0, description="Adam step size (paper: 0.002)")
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=1)
@@ -86,21 +85,11 @@ class TrainConfig(_Stage):
     validation_fraction: float = Field(0.2, ge=0, lt=1)
     early_stopping_patience: int = Field(3, ge=0, description="epochs without val-loss improvement; 0 disables")
     min_positives: int = Field(5, ge=0, description="regions with fewer positives are skipped (warning)")
-    shared_loss: Literal["one_vs_rest", "softmax"] = Field(
-        "one_vs_rest",
-        description="shared trunk only: per-head balanced BCE (one_vs_rest) or one softmax cross-entropy over the region heads",
-    )
-    conv_impl: Literal["auto", "direct", "fft", "patches", "s2d"] = "auto"
+    conv_impl: Literal["auto", "direct", "fft", "s2d"] = "auto"
     region_parallel: Literal["auto", "loop", "vmap"] = Field(
         "auto", description="regions one after another (loop, fastest on one CPU or GPU) or vmapped together; auto: loop on one device, vmap over several GPUs"
     )
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _polar_trunk_uses_batch_norm(self):
-        if self.model == "polar_trunk" and self.norm != "batch":
-            raise ValueError(f"model polar_trunk normalises with batch norm (its pool-first blocks); norm {self.norm!r} is not available")
-        return self
 
 
 class PredictConfig(_Stage):

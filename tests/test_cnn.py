@@ -1,4 +1,6 @@
-"""The paper's region CNN: FFT convolution, shapes, parameter count, normalisation modes, augmentation."""
+"""The paper's region CNN: FFT and s2d convolutions, shapes, parameter count, batch norm, augmentation; models.py."""
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +10,10 @@ import pytest
 from scipy.signal import correlate2d
 
 from deepalign_cli.config import TrainConfig
-from deepalign_cli.core import augment, cnn
+from deepalign_cli.core import augment, cnn, inference, models
 
 
-@pytest.mark.parametrize("impl", ["fft", "patches", "s2d"])
+@pytest.mark.parametrize("impl", ["fft", "s2d"])
 @pytest.mark.parametrize("k", [10, 6, 4, 3])
 @pytest.mark.parametrize("cin,cout", [(3, 5), (1, 4), (1, 3)])  # (1, even): the paired-output FFT path
 def test_fast_convs_equal_direct_conv_values_and_gradients(k, impl, cin, cout):
@@ -19,7 +21,7 @@ def test_fast_convs_equal_direct_conv_values_and_gradients(k, impl, cin, cout):
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, 30, 30, cin))
     w = jax.random.normal(kw, (k, k, cin, cout)) / k
-    conv = cnn._CONVS[impl]
+    conv = cnn.CONVS[impl]
     direct, fast = cnn.conv2d_direct(x, w), conv(x, w)
     assert fast.shape == direct.shape == (2, 30, 30, cout)
     if impl == "fft":
@@ -95,7 +97,7 @@ def test_fused_batch_norm_relu_pool_equals_flax_batch_norm_then_relu_then_pool(c
 
 def test_network_variables_keep_flax_batch_norm_names():
     """Checkpoints written before the fused block load unchanged: same variable tree."""
-    model = cnn.build_model(cnn.architecture(TrainConfig(), 32), "direct")
+    model = cnn.build(cnn.architecture(TrainConfig(), 32), "direct")
     v = cnn.init_variables(jax.random.key(0), model, 32)
     assert sorted(v["batch_stats"]) == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2"]
     assert sorted(v["params"]["BatchNorm_1"]) == ["bias", "scale"]
@@ -104,7 +106,7 @@ def test_network_variables_keep_flax_batch_norm_names():
 
 def test_jitted_init_equals_flax_eager_init():
     """`init_variables` compiles the init once; the values are Flax's own (same PRNG stream)."""
-    model = cnn.build_model(cnn.architecture(TrainConfig(), 24), "direct")
+    model = cnn.build(cnn.architecture(TrainConfig(), 24), "direct")
     key = jax.random.key(7)
     eager = model.init({"params": key}, jnp.zeros((1, 24, 24, 1), jnp.float32), train=False)
     ours = cnn.init_variables(key, model, 24)
@@ -127,21 +129,21 @@ def _random_bn_net(key, model, box):
     return v
 
 
-@pytest.mark.parametrize("impl", ["direct", "fft", "patches", "s2d"])
+@pytest.mark.parametrize("impl", ["direct", "fft", "s2d"])
 def test_shared_first_block_and_tail_equal_each_nets_eval_forward(impl):
     """Predict's fast path: G nets' first layers as one convolution, batch norm folded, then each
     net's tail — the same logits as every net's own eval-mode forward."""
     box, g = 24, 3
-    model = cnn.build_model(cnn.architecture(TrainConfig(), box), impl)
+    model = cnn.build(cnn.architecture(TrainConfig(), box), impl)
     nets = [_random_bn_net(jax.random.key(r), model, box) for r in range(g)]
     assert any(float(v["params"]["BatchNorm_0"]["scale"].min()) < 0 for v in nets)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, box, box)).astype(np.float32))
-    folded = [cnn.fold_batch_norm(v["params"], v["batch_stats"], 0) for v in nets]
-    h = cnn.shared_first_block(x, jnp.stack([f[0] for f in folded]), jnp.stack([f[1] for f in folded]), impl)
+    folded = [inference.fold_batch_norm(v["params"], v["batch_stats"], 0) for v in nets]
+    h = inference.shared_first_block(x, jnp.stack([f[0] for f in folded]), jnp.stack([f[1] for f in folded]), impl)
     assert h.shape == (g, 5, box // 2, box // 2, 16)
     for j, v in enumerate(nets):
         ref = model.apply(v, x[..., None], train=False)
-        np.testing.assert_allclose(np.asarray(cnn.tail_eval(model, v["params"], v["batch_stats"], h[j])), np.asarray(ref),
+        np.testing.assert_allclose(np.asarray(inference.tail_eval(model, v["params"], v["batch_stats"], h[j])), np.asarray(ref),
                                    rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
@@ -177,7 +179,7 @@ def test_auto_uses_fft_for_large_kernels_and_s2d_for_the_first_layer_on_cpu():
 
 def test_paper_network_at_64px_has_expected_shapes_and_parameter_count():
     arch = cnn.architecture(TrainConfig(), 64)
-    model = cnn.build_model(arch, "direct")
+    model = cnn.build(arch, "direct")
     variables = cnn.init_variables(jax.random.key(0), model, 64)
     logits = model.apply(variables, jnp.zeros((4, 64, 64, 1)), train=False)
     assert logits.shape == (4, 1)
@@ -185,7 +187,7 @@ def test_paper_network_at_64px_has_expected_shapes_and_parameter_count():
     # dense (8·8·64)·256+256, dense 256+1
     expected = 7072 + 32 + 18464 + 64 + 18496 + 128 + 1048832 + 257
     assert cnn.param_count(variables["params"]) == expected
-    fft_model = cnn.build_model(arch, "fft")
+    fft_model = cnn.build(arch, "fft")
     x = jax.random.normal(jax.random.key(1), (3, 64, 64, 1))
     np.testing.assert_allclose(fft_model.apply(variables, x), model.apply(variables, x), rtol=1e-4, atol=1e-4)
     # train mode (batch statistics, the channels-first FFT hand-over) and the parameter gradients
@@ -231,7 +233,7 @@ def test_conv_bias_before_batch_norm_is_not_trained_and_does_not_change_training
     gradient: the bias gradient is exactly 0, and loss and every other gradient equal those of
     the same net with the biases at 0."""
     cfg = TrainConfig(conv_filters=(4, 8, 8), dense_units=16, dropout=0.0)
-    model = cnn.build_model(cnn.architecture(cfg, 40), impl)
+    model = cnn.build(cnn.architecture(cfg, 40), impl)
     variables = cnn.init_variables(jax.random.key(0), model, 40)
     x = jax.random.normal(jax.random.key(1), (6, 40, 40, 1))
     params = jax.tree_util.tree_map_with_path(
@@ -254,14 +256,14 @@ def test_conv_bias_before_batch_norm_is_not_trained_and_does_not_change_training
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
 
 
-def _small(norm):
-    cfg = TrainConfig(norm=norm, conv_filters=(4, 8, 8), dense_units=16, dropout=0.0)
-    model = cnn.build_model(cnn.architecture(cfg, 16), "direct")
+def _small():
+    cfg = TrainConfig(conv_filters=(4, 8, 8), dense_units=16, dropout=0.0)
+    model = cnn.build(cnn.architecture(cfg, 16), "direct")
     return model, cnn.init_variables(jax.random.key(0), model, 16)
 
 
 def test_batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval():
-    model, variables = _small("batch")
+    model, variables = _small()
     x = jax.random.normal(jax.random.key(1), (8, 16, 16, 1)) * 3 + 1
     eval_all = model.apply(variables, x, train=False)
     eval_one = model.apply(variables, x[:1], train=False)
@@ -271,14 +273,6 @@ def test_batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval()
     assert not np.allclose(train_all[:4], train_half, atol=1e-4)  # train: depends on the batch
     mean0 = upd["batch_stats"]["BatchNorm_0"]["mean"]
     assert float(jnp.max(jnp.abs(mean0))) > 0  # running mean moved (momentum 0.9 → 10 % per step)
-
-
-@pytest.mark.parametrize("norm", ["group", "layer"])
-def test_group_and_layer_norm_behave_the_same_in_train_and_eval(norm):
-    model, variables = _small(norm)
-    assert variables["batch_stats"] == {}
-    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
-    np.testing.assert_allclose(model.apply(variables, x, train=True), model.apply(variables, x, train=False), rtol=1e-5)
 
 
 def test_rotation_by_90_degrees_equals_rot90():
@@ -316,44 +310,19 @@ def test_s2d_conv_equals_direct_on_rectangular_inputs(k, shape):
     assert float(jnp.max(jnp.abs(s2d - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
 
 
-@pytest.mark.parametrize("product", ["broadcast", "unrolled"])
-def test_fft_conv_spectral_product_forms_equal_einsum(monkeypatch, product):
-    """The GPU candidate sums over input channels (multiply + reduce, multiply-add chain) give the GEMM's result."""
-    kx, kw = jax.random.split(jax.random.key(3))
-    x = jax.random.normal(kx, (2, 24, 24, 5))
-    w = jax.random.normal(kw, (6, 6, 5, 7)) / 6
-    einsum = cnn.conv2d_fft(x, w)
-    monkeypatch.setattr(cnn, "SPECTRAL_PRODUCT", product)
-    bcast = cnn.conv2d_fft(x, w)
-    assert float(jnp.max(jnp.abs(bcast - einsum))) < 1e-5 * float(jnp.max(jnp.abs(einsum)))
-    assert float(jnp.max(jnp.abs(bcast - cnn.conv2d_direct(x, w)))) < 1e-5 * float(jnp.max(jnp.abs(einsum)))
-
-
-def test_patches_conv_in_bfloat16_is_close_to_float32():
-    """bfloat16 patches and kernel, float32 accumulation: within bfloat16's rounding (2^-8)."""
-    kx, kw = jax.random.split(jax.random.key(4))
-    x = jax.random.normal(kx, (2, 20, 20, 1))
-    w = jax.random.normal(kw, (7, 7, 1, 8)) / 7
-    ref = cnn.conv2d_direct(x, w)
-    low = cnn.conv2d_patches(x, w, jnp.bfloat16)
-    assert low.dtype == jnp.float32
-    err = float(jnp.max(jnp.abs(low - ref))) / float(jnp.max(jnp.abs(ref)))
-    assert 0 < err < 2e-2
-
-
 @pytest.mark.parametrize("cin,cout", [(1, 4), (3, 6), (2, 5)])  # paired first layer, paired real outputs, odd fallback
-def test_fft_conv_inverse_by_forward_transform_equals_direct(monkeypatch, cin, cout):
+def test_fft_conv_inverse_by_forward_transform_equals_direct(cin, cout):
     """The accelerator form (inverse FFTs as forward FFTs of the conjugate, real outputs paired
     into complex planes): same values and gradients as the direct convolution, forced on CPU."""
-    monkeypatch.setattr(cnn, "INVERSE_BY_FORWARD_FFT", "always")
+    fft = partial(cnn.conv2d_fft, inverse_by_forward=True)
     kx, kw = jax.random.split(jax.random.key(5))
     x = jax.random.normal(kx, (2, 27, 27, cin))
     w = jax.random.normal(kw, (9, 9, cin, cout)) / 9
-    direct, fast = cnn.conv2d_direct(x, w), cnn.conv2d_fft(x, w)
+    direct, fast = cnn.conv2d_direct(x, w), fft(x, w)
     assert float(jnp.max(jnp.abs(fast - direct))) < 1e-5 * float(jnp.max(jnp.abs(direct)))
     for arg in (0, 1):
         g_direct = jax.grad(lambda x, w: jnp.sum(cnn.conv2d_direct(x, w) ** 2), argnums=arg)(x, w)
-        g_fast = jax.grad(lambda x, w: jnp.sum(cnn.conv2d_fft(x, w) ** 2), argnums=arg)(x, w)
+        g_fast = jax.grad(lambda x, w: jnp.sum(fft(x, w) ** 2), argnums=arg)(x, w)
         assert float(jnp.max(jnp.abs(g_fast - g_direct))) < 1e-4 * float(jnp.max(jnp.abs(g_direct)))
 
 
@@ -362,3 +331,14 @@ def test_hermitian_full_spectrum_matches_fft2():
         x = jax.random.normal(jax.random.key(ly * lx), (2, 3, ly, lx))
         full = cnn._hermitian_full(jnp.fft.rfft2(x, axes=(2, 3)), lx)
         np.testing.assert_allclose(np.asarray(full), np.asarray(jnp.fft.fft2(x, axes=(2, 3))), atol=1e-4)
+
+
+def test_models_are_chosen_by_name_and_rebuilt_from_their_checkpoint_description():
+    per_region = models.architecture(TrainConfig(), 32, 5)
+    polar = models.architecture(TrainConfig(model="polar_trunk"), 32, 5)
+    assert per_region["n_heads"] == 1 and "model" not in per_region  # the paper's checkpoints, unchanged
+    assert polar["n_heads"] == 5 and polar["model"] == "polar_trunk"
+    assert type(models.build(per_region)).__name__ == "RegionCNN" and type(models.build(polar)).__name__ == "PolarCNN"
+    assert not models.get("per_region").one_net and models.get("polar_trunk").one_net
+    with pytest.raises(ValueError, match="unknown model 'shared_trunk'"):
+        models.get("shared_trunk")

@@ -16,7 +16,7 @@ import pytest
 import starfile
 import yaml
 
-from deepalign_cli.core import coverage, training
+from deepalign_cli.core import coverage
 from deepalign_cli.errors import DeepAlignError
 
 R = 12
@@ -36,7 +36,7 @@ def _particles(rng, n: int, confident_wrong: float = 0.0) -> tuple[np.ndarray, n
 
 
 def _kept(probs, true, p) -> np.ndarray:
-    keep = training.top_k_regions(probs, cumulative_p=p)
+    keep = coverage.top_k_regions(probs, cumulative_p=p)
     return np.array([t in k for t, k in zip(true, keep)])
 
 
@@ -77,14 +77,14 @@ def test_held_out_coverage_meets_the_target_for_good_and_confidently_wrong_nets(
         p_new, t_new = _particles(rng, 400, confident_wrong)
         p = coverage.calibrated_p(coverage.scores(p_cal, t_cal), target)
         got.append(_kept(p_new, t_new, p).mean())
-        sizes.append(np.mean([len(k) for k in training.top_k_regions(p_new, cumulative_p=p)]))
+        sizes.append(np.mean([len(k) for k in coverage.top_k_regions(p_new, cumulative_p=p)]))
     # mean over 40 × 400 test particles: σ ≈ 0.006 (binomial) + the calibration sets' spread
     assert np.mean(got) >= target - 0.01, (np.mean(got), target)
     assert np.mean(got) <= target + 0.04  # not trivially by keeping everything
     # a fixed top-2 rule on the confidently wrong nets drops the true region far more often
     if confident_wrong:
         p_new, t_new = _particles(rng, 4000, confident_wrong)
-        top2 = np.mean([t in k for t, k in zip(t_new, training.top_k_regions(p_new, k=2))])
+        top2 = np.mean([t in k for t, k in zip(t_new, coverage.top_k_regions(p_new, k=2))])
         assert top2 < target - 0.1 and np.mean(sizes) > 2
 
 
@@ -93,7 +93,7 @@ def test_nets_at_chance_keep_nearly_every_region():
     probs = rng.uniform(0.4, 0.6, (300, R)).astype(np.float32)
     true = rng.integers(0, R, 300)
     p = coverage.calibrated_p(coverage.scores(probs[:150], true[:150]), 0.95)
-    kept = [len(k) for k in training.top_k_regions(probs[150:], cumulative_p=p)]
+    kept = [len(k) for k in coverage.top_k_regions(probs[150:], cumulative_p=p)]
     assert np.mean(kept) > 0.85 * R
 
 
@@ -103,7 +103,7 @@ def test_curve_matches_the_rule():
     ps = [0.2, 0.5, 0.9]
     hit, mean_k = coverage.curve(probs, true, ps)
     for p, h, m in zip(ps, hit, mean_k):
-        keep = training.top_k_regions(probs, cumulative_p=p)
+        keep = coverage.top_k_regions(probs, cumulative_p=p)
         assert h == pytest.approx(_kept(probs, true, p).mean()) and m == pytest.approx(np.mean([len(k) for k in keep]))
     assert np.all(np.diff(hit) >= 0) and np.all(np.diff(mean_k) >= 0)
 

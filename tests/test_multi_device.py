@@ -30,7 +30,7 @@ SCRIPT = r'''
 import json, sys
 import jax, mrcfile, numpy as np
 from deepalign_cli.config import TrainConfig
-from deepalign_cli.core import devices, geometry, preprocess, projector, regions, search, simulate, symmetry, training
+from deepalign_cli.core import cnn, devices, geometry, inference, preprocess, projector, regions, search, simulate, symmetry, training
 
 out_path, map_path = sys.argv[1], sys.argv[2]
 sharded = []  # (axis name, number of devices of every leaf) of every multi-device placement
@@ -53,16 +53,16 @@ cfg = TrainConfig(conv_filters=(4, 4, 4), dense_units=8, batch_size=8, images_pe
 # identical networks in both runs (initial variables): prediction alone must agree to rounding
 init = training.init_region_params(jax.random.key(3), cfg, 16, 1)[0]  # one init (slow op by op), 5 variants
 inits = [jax.tree_util.tree_map(lambda a, r=r: a * (1 + 0.2 * r), init) for r in range(5)]
-arch = training.cnn.architecture(cfg, 16, 1)
+arch = cnn.architecture(cfg, 16, 1)
 init_models = {r: {**v, "arch": arch, "head": 0} for r, v in enumerate(inits)}
-res["probs_init"] = training.predict_probs(init_models, images, batch_size=16, region_parallel="vmap")
-stacked = training.stack_region_variables(inits, devices.region_mesh())
+res["probs_init"] = inference.predict_probs(init_models, images, batch_size=16, region_parallel="vmap")
+stacked = inference.stack_region_variables(inits, devices.region_mesh())
 leaves = jax.tree_util.tree_leaves(stacked)
 res["stacked_devices"] = np.array(sorted({len(x.sharding.device_set) for x in leaves}))
 res["stacked_regions"] = np.array(leaves[0].shape[0])
 models = training.train_regions(images, labels, range(5), cfg, jax.random.key(0))
 res["train_loss"] = np.array([models[r]["history"][0]["train_loss"] for r in range(5)])
-res["probs_trained"] = training.predict_probs(models, images, batch_size=16, region_parallel="vmap")
+res["probs_trained"] = inference.predict_probs(models, images, batch_size=16, region_parallel="vmap")
 # a device memory that holds one region's step: regions trained in groups (of 1 per device)
 real_memory = devices.memory_bytes
 devices.memory_bytes = lambda: int(1.5 * cfg.batch_size * 16 * 16 * cfg.conv_filters[0] * 32 / 0.8)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from deepalign_cli.config import TrainConfig
-from deepalign_cli.core import augment, cnn, polar, training
+from deepalign_cli.core import augment, cnn, inference, models, polar, training
+from deepalign_cli.io import checkpoints as ckpt
 from deepalign_cli.errors import DeepAlignError
 
 BOX = 31  # odd: np.rot90 turns about pixel (15, 15), the polar grid's centre; n_theta = 64
@@ -70,7 +71,7 @@ def test_circular_conv_equals_a_same_conv_of_the_periodic_signal(impl):
 def test_logits_are_invariant_to_quarter_turns_and_depend_on_the_image():
     cfg = TrainConfig(model="polar_trunk", conv_filters=(4, 8, 8), dense_units=16)
     arch = polar.architecture(cfg, BOX, 3)
-    model = cnn.build_model(arch, "auto")
+    model = models.build(arch, "auto")
     assert isinstance(model, polar.PolarCNN)
     v = cnn.init_variables(jax.random.key(0), model, BOX)
     rng = np.random.default_rng(2)  # non-trivial running statistics, so the eval-mode path is general
@@ -92,8 +93,6 @@ def test_architecture_refuses_boxes_too_small_for_three_pools():
     assert polar.architecture(cfg, 32, 2)["kernels"] == [7, 3, 3]
     with pytest.raises(DeepAlignError, match="at least 16 px"):
         polar.architecture(cfg, 14, 2)
-    with pytest.raises(ValueError, match="batch norm"):
-        TrainConfig(model="polar_trunk", norm="group")
 
 
 def _shapes(n_per_class, box, rng):
@@ -129,14 +128,14 @@ def test_polar_trunk_learns_trains_predicts_and_round_trips():
     for r in (0, 1, 2):
         assert max(h["val_acc"] for h in out[r]["history"]) > 0.85, (r, out[r]["history"])
     _, val = training.split_train_val(jax.random.key(0), labels, cfg.validation_fraction)
-    probs = training.predict_probs(out, images[val], batch_size=64)
+    probs = inference.predict_probs(out, images[val], batch_size=64)
     assert probs.shape == (val.size, 3) and probs.min() >= 0 and probs.max() <= 1
     assert (probs.argmax(1) == labels[val]).mean() > 0.8  # chance 1/3
-    restored = {r: training.params_from_bytes(training.params_to_bytes(m)) for r, m in out.items()}
-    np.testing.assert_allclose(training.predict_probs(restored, images[val], batch_size=17), probs, atol=1e-5)
+    restored = {r: ckpt.params_from_bytes(ckpt.params_to_bytes(m)) for r, m in out.items()}
+    np.testing.assert_allclose(inference.predict_probs(restored, images[val], batch_size=17), probs, atol=1e-5)
     # one region alone is still one polar net (predict's single-net path)
     one = training.train_regions(images, labels, [2], cfg.model_copy(update={"epochs": 1}), jax.random.key(0))
-    assert training.predict_probs(one, images[:5], batch_size=4).shape == (5, 1)
+    assert inference.predict_probs(one, images[:5], batch_size=4).shape == (5, 1)
 
 
 def test_polar_training_is_reproducible_by_seed():

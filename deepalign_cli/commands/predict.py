@@ -33,6 +33,7 @@ import typer
 
 from .. import host_malloc, plots
 from ..config import override
+from ..core.split import validation_digest, validation_split
 from ..errors import DeepAlignError
 from ..io import checkpoints as ckpt
 from ..io import star
@@ -41,7 +42,6 @@ from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ..regionspec import format_regions
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
-from .train import n_regions_of, validation_digest, validation_split
 
 FLAT_FRACTION = 0.25  # a cumulative rule keeping more than this share of the regions: the nets say little
 
@@ -66,7 +66,8 @@ def command(
     force: bool = FORCE_OPT,
 ) -> None:
     """Probabilities of every particle for every region; keep its best regions (top-k, cumulative p or calibrated coverage)."""
-    from ..core import training
+    from ..core import coverage as coverage_core
+    from ..core import inference
 
     cfg, pc = stage_config(config, "predict", memory_budget_gb=memory_budget_gb)
     pc = rule_from_flags(pc, top_k=top_k, cumulative_p=cumulative_p, coverage=coverage)
@@ -75,7 +76,7 @@ def command(
     proj.require_done("train")
     check_can_run(proj, "predict", force)
     host_malloc.share_one_arena(proj.stage("train").get("box") or 0)  # before JAX starts its threads (loading the nets starts them)
-    n_regions = n_regions_of(proj)
+    n_regions = proj.n_regions()
     models = load_models(proj.root / "train", n_regions)
     trained = [r for r in range(n_regions) if models[r].get("params") is not None]
     if not trained:
@@ -95,22 +96,25 @@ def command(
     n = len(src)
     probs = np.zeros((n, n_regions), np.float32)
     chunk = min(src.chunk_size(pc.memory_budget_gb), 8192)
-    use = {r: models[r] for r in trained}
-    calibration = calibrate(proj, cfg, use, n_regions, pc) if pc.coverage is not None else None
+    predictor = inference.prepare({r: models[r] for r in trained}, pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
+    calibration = calibrate(proj, cfg, predictor, n_regions, pc) if pc.coverage is not None else None
     with progress() as bar, Timer() as t:
         task = bar.add_task(f"predict {len(trained)} regions", total=n, rate="")
         t0 = time.perf_counter()
         for idx, images in src.iter_chunks(chunk):
-            probs[idx[:, None], np.asarray(trained)[None, :]] = training.predict_probs(use, images, pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
+            probs[idx[:, None], np.asarray(trained)[None, :]] = inference.predict(predictor, images)
             done = idx[-1] + 1
             bar.update(task, completed=done, rate=f"{done * len(trained) / max(time.perf_counter() - t0, 1e-9):,.0f} particle·region/s")
 
     if calibration is not None:
-        keep = training.top_k_regions(probs, cumulative_p=calibration["p"])
+        # regions skipped in training have probability 0: the nets cannot rule them out, and the
+        # calibration covers only the trained ones, so they are always kept
+        kept = coverage_core.top_k_regions(probs[:, trained], cumulative_p=calibration["p"])
+        keep = [np.concatenate([np.asarray(trained)[k], skipped]).astype(int) for k in kept]
     elif pc.cumulative_p is not None:
-        keep = training.top_k_regions(probs, cumulative_p=pc.cumulative_p)
+        keep = coverage_core.top_k_regions(probs, cumulative_p=pc.cumulative_p)
     else:
-        keep = training.top_k_regions(probs, k=pc.top_k)
+        keep = coverage_core.top_k_regions(probs, k=pc.top_k)
     out = table.copy()
     out.particles["rlnDeepAlignRegions"] = [",".join(str(int(r)) for r in k) for k in keep]
     out.particles["rlnDeepAlignRegion1"] = [int(k[0]) for k in keep]
@@ -142,8 +146,9 @@ def command(
             console.print(f"[yellow]warning:[/yellow] {c['n_held_out']} held-out labelled particles cannot certify coverage {pc.coverage:g} "
                           f"(it needs ≥ {c['min_held_out']}): every region is kept, so align searches the whole asymmetric unit. "
                           "More labelled particles, a larger validation_fraction or a lower --coverage narrow it.", highlight=False)
-        elif mean_k > FLAT_FRACTION * len(trained):
-            console.print(f"[yellow]note:[/yellow] --coverage {pc.coverage:g} keeps {mean_k:.1f} of {len(trained)} regions per particle: "
+        elif mean_k > FLAT_FRACTION * n_regions:
+            always = f" ({len(skipped)} skipped in training are always kept)" if skipped else ""
+            console.print(f"[yellow]note:[/yellow] --coverage {pc.coverage:g} keeps {mean_k:.1f} of {n_regions} regions per particle{always}: "
                           "the nets are not sure enough to narrow the search much (particles whose regions cost as much as the "
                           "asymmetric unit are searched over all of it).", highlight=False)
     if pc.cumulative_p is not None and mean_k > FLAT_FRACTION * len(trained):
@@ -163,10 +168,10 @@ def rule_from_flags(pc, top_k: int | None, cumulative_p: float | None, coverage:
     return override(pc.model_copy(update={"cumulative_p": None, "coverage": None}), **given)
 
 
-def calibrate(proj: Project, cfg, models: dict, n_regions: int, pc) -> dict:
+def calibrate(proj: Project, cfg, predictor, n_regions: int, pc) -> dict:
     """Cumulative p for `pc.coverage` from the labelled particles the training run held out for
     validation (the same split: training's seed, validation fraction and labels)."""
-    from ..core import coverage, training
+    from ..core import coverage, inference
 
     labels_path = proj.root / "label" / "labels.star"
     tc = (proj.state.get("config") or {}).get("train") or {}
@@ -178,17 +183,20 @@ def calibrate(proj: Project, cfg, models: dict, n_regions: int, pc) -> dict:
                              "use --top-k or --cumulative-p, or train with a validation split")
     table = star.read_particles(labels_path)
     y = table.particles["rlnDeepAlignRegion"].to_numpy(int)
-    val_idx = validation_split(y, seed, fraction)
+    val_idx = validation_split(y, seed, fraction).val
     recorded = proj.stage("train").get("validation_sha256")
     if recorded is not None and recorded != validation_digest(val_idx):
         raise DeepAlignError(f"--coverage: {labels_path}: the labelled particles held out of training are not those the train stage "
                              "recorded (labels changed since training?); rerun deepalign train --force")
     src = ParticleSource(table, cfg.preprocess)
-    trained = sorted(models)
-    probs = np.zeros((len(val_idx), n_regions), np.float32)
+    # held-out particles of regions skipped in training are covered anyway (those regions are
+    # always kept); the trained regions' nets are calibrated on the others
+    val_idx = val_idx[np.isin(y[val_idx], predictor.regions)]
+    probs = np.zeros((len(val_idx), len(predictor.regions)), np.float32)
     if len(val_idx):
-        probs[:, trained] = training.predict_probs(models, src.read(val_idx), pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
-    return coverage.calibrate(probs, y[val_idx], pc.coverage)
+        probs[:] = inference.predict(predictor, src.read(val_idx))
+    columns = np.searchsorted(predictor.regions, y[val_idx])
+    return coverage.calibrate(probs, columns, pc.coverage)
 
 
 def write_calibration(folder: Path, c: dict, n_regions: int) -> None:

@@ -63,10 +63,10 @@ def command(
     if stage not in SHARDABLE:
         raise DeepAlignError(f"--stage {stage}: only {', '.join(SHARDABLE)} can be sharded; run predict/reconstruct as one job")
     if stage == "train":
-        from ..core.training import SHARED_MODELS
+        from ..core import models
 
         _, tc = stage_config(config, "train")
-        if tc.model in SHARED_MODELS:
+        if models.get(tc.model).one_net:
             raise DeepAlignError(f"--stage train: model {tc.model} is one network for all regions and trains as one job "
                                  f"(deepalign train {project}); only model per_region shards over regions")
     proj = Project.open(project)

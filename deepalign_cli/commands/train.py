@@ -23,11 +23,8 @@ weights as an uninterrupted run. Saved states carry a digest of the settings tha
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -39,54 +36,16 @@ from .. import host_malloc, plots
 from ..errors import DeepAlignError
 from ..io import checkpoints as ckpt
 from ..io import star
-from ..io.atomic import atomic_write, remove_pending, write_text_atomic
+from ..io.atomic import atomic_write, write_text_atomic
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ..regionspec import format_regions, parse_regions
-from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
+from ..core.split import validation_digest, validation_split
+from ._common import (CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress,
+                      settings_digest, stage_config)
 
 
-EXIT_INTERRUPTED = 130  # shell convention for a command stopped by SIGINT
 SETTINGS_KEY = "settings"  # digest stored in resume states and final region checkpoints
-
-
-@contextlib.contextmanager
-def exit_on_interrupt():
-    """SIGTERM behaves like Ctrl-C; either one ends the command with one line and exit code 130.
-
-    Everything written so far went through atomic renames, so the project stays valid and the
-    stage's --resume picks up from the last saved piece of work."""
-    main_thread = threading.current_thread() is threading.main_thread()
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
-    try:
-        yield
-    except KeyboardInterrupt:
-        remove_pending()  # a temporary file the interrupt caught between its creation and its rename
-        console.print("[yellow]interrupted; rerun with --resume[/yellow]", highlight=False)
-        raise SystemExit(EXIT_INTERRUPTED)
-    finally:
-        if previous is not None:  # None: not the main thread, or a handler installed outside Python
-            signal.signal(signal.SIGTERM, previous)
-
-
-def settings_digest(*parts) -> str:
-    """sha256 (hex) of the JSON of `parts` (pydantic models, dicts, strings, bytes digests)."""
-    h = hashlib.sha256()
-    for part in parts:
-        plain = part.model_dump(mode="json") if hasattr(part, "model_dump") else part
-        h.update(plain if isinstance(plain, bytes) else json.dumps(plain, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def n_regions_of(proj: Project) -> int:
-    n = proj.stage("label").get("n_regions")
-    if n is None:
-        raise DeepAlignError(f"{proj.root}: label stage has no region count; rerun deepalign label --force")
-    return int(n)
 
 
 def command(
@@ -94,7 +53,7 @@ def command(
     regions: str = typer.Option(None, "--regions", help="train only these regions, e.g. 0-9,17 (SLURM shards)", show_default=False),
     epochs: int = typer.Option(None, "--epochs", show_default=False),
     images_per_region: int = typer.Option(None, "--images-per-region", show_default=False),
-    model: str = typer.Option(None, "--model", help="per_region (paper), shared_trunk or polar_trunk", show_default=False),
+    model: str = typer.Option(None, "--model", help="per_region (paper) or polar_trunk", show_default=False),
     seed: int = typer.Option(None, "--seed", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch of each region"),
     merge: bool = typer.Option(False, "--merge", help="after SLURM shards: check every region is trained, write metrics, finish the stage"),
@@ -109,18 +68,19 @@ def command(
 def _train(project, regions, epochs, images_per_region, model, seed, resume, merge, config, force) -> None:
     import jax
 
-    from ..core import training
+    from ..core import models, training
 
     cfg, tc = stage_config(config, "train", epochs=epochs, images_per_region=images_per_region, model=model, seed=seed)
     proj = Project.open(project)
     proj.require_done("label")
-    n_regions = n_regions_of(proj)
+    n_regions = proj.n_regions()
     train_dir = proj.root / "train"
     if merge:
         return merge_shards(proj, train_dir, n_regions, tc)
     check_can_run(proj, "train", force or resume or regions is not None)
     requested = todo = parse_regions(regions, n_regions)
-    if training.is_shared(tc) and regions is not None:
+    one_net = models.get(tc.model).one_net
+    if one_net and regions is not None:
         raise DeepAlignError(f"--regions: the {tc.model} model trains all regions at once; use model: per_region to shard")
 
     labels_path = proj.root / "label" / "labels.star"
@@ -134,12 +94,12 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
     digest = settings_digest(tc, cfg.preprocess, hashlib.sha256(labels_path.read_bytes()).digest())
     resume_state = {}
     if resume:
-        todo, resume_state = resume_plan(train_dir, requested, training.SHARED_REGION if training.is_shared(tc) else None, digest)
+        todo, resume_state = resume_plan(train_dir, requested, training.TRUNK if one_net else None, digest)
     with Timer() as t_load:
         images = src.read(np.arange(len(src)))
 
-    def save_resume(region, epoch, state):
-        ckpt.write_entry(ckpt.resume_file(train_dir, region), {**state, SETTINGS_KEY: digest})
+    def save_resume(unit, epoch, state):
+        ckpt.write_entry(ckpt.resume_file(train_dir, unit), {**state, SETTINGS_KEY: digest})
 
     t0 = time.perf_counter()
     n_epochs_total = len(todo) * tc.epochs
@@ -154,11 +114,10 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
                 return
             images_seen[0] += ev["images"]
             rate = images_seen[0] / max(time.perf_counter() - t0, 1e-9)
-            width = n_regions if ev["region"] < 0 else 1
-            bar.update(task, advance=width if ev["region"] < 0 else 1,
-                       rate=f"{rate:,.0f} img-steps/s  val_acc {ev.get('val_acc') or float('nan'):.3f}")
-            if ev.get("stopped") and ev["region"] >= 0:
-                bar.advance(task, tc.epochs - 1 - ev["epoch"])
+            width = len(ev["regions"])  # one region's net, or every region of a one-net model
+            bar.update(task, advance=width, rate=f"{rate:,.0f} img-steps/s  val_acc {ev.get('val_acc') or float('nan'):.3f}")
+            if ev.get("stopped"):
+                bar.advance(task, width * (tc.epochs - 1 - ev["epoch"]))
 
         results = training.train_regions(images, y, todo, tc, jax.random.key(tc.seed), progress=on_event,
                                          resume_state=resume_state or None, checkpoint_cb=save_resume)
@@ -187,19 +146,19 @@ def record_shard(proj: Project, spec: str) -> list[str]:
     return proj.update(change)["stages"]["train"]["shards_done"]
 
 
-def resume_plan(train_dir: Path, todo: list[int], shared_key: int | None, digest: str) -> tuple[list[int], dict]:
-    """(regions still to train, their saved states) for --resume.
+def resume_plan(train_dir: Path, todo: list[int], trunk_unit: str | None, digest: str) -> tuple[list[int], dict]:
+    """(regions still to train, the saved states of their training units) for --resume.
 
-    A region whose final checkpoint carries `digest` is finished; with the shared trunk
-    (shared_key = its resume key) only all regions together are. A saved state with another
+    A region whose final checkpoint carries `digest` is finished; with a one-net model
+    (trunk_unit = its training unit) only all regions together are. A saved state with another
     digest is an error: it belongs to other settings."""
     finished = [r for r in todo if _entry_digest(ckpt.region_file(train_dir, r)) == digest]
-    if shared_key is None:
+    if trunk_unit is None:
         todo = [r for r in todo if r not in finished]
     elif len(finished) == len(todo):
         todo = []
     states = {}
-    for r in ([shared_key] if shared_key is not None and todo else todo):
+    for r in ([trunk_unit] if trunk_unit is not None and todo else todo):
         path = ckpt.resume_file(train_dir, r)
         if not path.exists():
             continue
@@ -218,24 +177,11 @@ def _entry_digest(path: Path) -> str | None:
     return ckpt.read_entry(path).get(SETTINGS_KEY) if path.is_file() else None
 
 
-def validation_split(labels: np.ndarray, seed: int, fraction: float) -> np.ndarray:
-    """Indices (into labels.star) of the labelled particles training holds out for validation."""
-    import jax
-
-    from ..core import training
-
-    return training.split_train_val(jax.random.key(int(seed)), labels, float(fraction))[1]
-
-
 def validation_record(labels: np.ndarray, tc) -> dict:
     """What the train stage records of its validation split, for `predict --coverage` to check
     that it calibrates on exactly those particles."""
-    val = validation_split(labels, tc.seed, tc.validation_fraction)
+    val = validation_split(labels, tc.seed, tc.validation_fraction).val
     return {"validation_particles": int(val.size), "validation_sha256": validation_digest(val)}
-
-
-def validation_digest(val_idx: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(val_idx).astype("<i8").tobytes()).hexdigest()
 
 
 def merge_shards(proj: Project, train_dir: Path, n_regions: int, tc) -> None:

@@ -3,7 +3,7 @@
 Beyond the paper. Its top-k rule (k = 2) trusts the region nets: where they are confidently
 wrong (low SNR, few labelled particles) the true region is dropped and restricted alignment
 cannot find the pose. `deepalign predict --coverage 0.95` instead picks the cumulative
-probability p of the cumulative rule (`training.top_k_regions`) from labelled particles the nets
+probability p of the cumulative rule (`top_k_regions`) from labelled particles the nets
 did not train on (the training run's validation split), by split conformal prediction with the
 "adaptive prediction sets" score of Romano, Sesia & Candès (NeurIPS 2020) with its random
 term set to 0:
@@ -111,3 +111,18 @@ def calibrate(probs: np.ndarray, true_region: np.ndarray, coverage: float) -> di
             "p": p, "cumulative_p": finite(p),
             "held_out_kept_at_p": finite(at_p[0][0]), "held_out_mean_regions_at_p": finite(at_p[1][0]),
             "scores": s, "curve": {"p": grid, "kept": hit, "mean_regions": mean_k}}
+
+
+def top_k_regions(probs: np.ndarray, k: int | None = None, cumulative_p: float | None = None) -> list[np.ndarray]:
+    """Per particle, the column indices of its most probable regions, most probable first.
+
+    probs: (n, R).  Exactly one rule: k → the k largest; cumulative_p → regions in descending
+    order until their share of the particle's total probability reaches p (at least one).
+    Returns a list of n int arrays (length k, or variable for the cumulative rule)."""
+    if (k is None) == (cumulative_p is None):
+        raise DeepAlignError("top-k: give either k or cumulative_p")
+    order, share = ranked_shares(probs)
+    if k is not None:
+        return list(order[:, : min(int(k), order.shape[1])])
+    n_keep = kept_counts(share, cumulative_p)
+    return [order[i, : n_keep[i]] for i in range(order.shape[0])]

@@ -21,11 +21,10 @@ model builds it in and shares one network over all regions:
   random shift of the centre (`polar_augment`): the random rotation and shift of the paper's
   augmentation, with one interpolation instead of two.
 
-Why (`benchmarks/whole_job.py`, RESULTS.md "Whole training job"): at 32 px it trains all 42
-regions to the validation accuracy of the paper's Keras recipe 26.5× sooner than that recipe
-(12.9× with every region at its own Keras best), and on the demo it finds the true region among
-the top 3 for 0.99 of the particles against 0.59 for the paper's per-region nets. Functions are
-pure and JAX-traceable.
+Why: at 32 px it trains all 42 regions to the validation accuracy of the paper's Keras recipe
+~26× sooner than that recipe, and on the demo it finds the true region among the top 3 for 0.99
+of the particles against 0.59 for the paper's per-region nets (RESULTS.md, "Whole training job").
+Functions are pure and JAX-traceable.
 """
 
 from __future__ import annotations
@@ -111,7 +110,6 @@ class PolarCNN(nn.Module):
     dense_units: int = 256
     dropout: float = 0.2
     n_heads: int = 1
-    norm: str = "batch"  # the only one; kept for the callers that read `model.norm`
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -132,10 +130,10 @@ def architecture(cfg: Any, box_px: int, n_heads: int) -> dict:
     if n_r < 8:
         raise DeepAlignError(f"polar_trunk needs a working box of at least 16 px (got {box_px} px): three 2×2 pools of {n_r} radii")
     return {**cnn.architecture(cfg, box_px, n_heads), "model": "polar_trunk",
-            "kernels": list(cnn.kernel_sizes(box_px, KERNEL_FRACTIONS)), "norm": "batch"}
+            "kernels": list(cnn.kernel_sizes(box_px, KERNEL_FRACTIONS))}
 
 
-def build_model(arch: dict, conv_impl: str = "auto", backend: str | None = None) -> PolarCNN:
+def build(arch: dict, conv_impl: str = "auto", backend: str | None = None) -> PolarCNN:
     kernels = tuple(int(k) for k in arch["kernels"])
     return PolarCNN(
         box_px=int(arch["box_px"]),

@@ -203,6 +203,13 @@ class Project:
         self.update(change)
 
     # --------------------------------------------------------------------------------- stages
+    def n_regions(self) -> int:
+        """Number of regions the label stage split the sphere (or asymmetric unit) into."""
+        n = self.stage("label").get("n_regions")
+        if n is None:
+            raise DeepAlignError(f"{self.root}: label stage has no region count; rerun deepalign label --force")
+        return int(n)
+
     def stage_dir(self, name: str) -> Path:
         """PROJECT/<name>/ (created)."""
         path = self.root / name
