@@ -31,6 +31,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deepalign_cli import main
+from deepalign_cli.commands import _reconstruction
 from deepalign_cli.commands import align as align_cmd
 from deepalign_cli.commands.simulate import shipped_map
 from deepalign_cli.core import geometry, preprocess, regions, symmetry
@@ -178,7 +179,7 @@ def test_region_shards_merged_equal_a_single_run(project):
 
 def test_default_reference_is_the_labelled_subset_reconstruction(project, capsys):
     proj = Project.open(project)
-    pre = align_cmd.project_preprocess(proj, None)
+    pre = _reconstruction.project_preprocess(proj, None)
     source = ParticleSource(star.read_particles(proj.particles_star), pre)
     on_the_fly, desc = align_cmd.load_reference(proj, None, source, pre, None)
     assert "on the fly" in desc and "reconstructing the reference" in capsys.readouterr().err

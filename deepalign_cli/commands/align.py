@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -55,20 +54,19 @@ from ..core import gallery, preprocess, projector, regions
 from ..core.search import RESTRICTED_MIN_FRACTION, align_particles
 from ..errors import DeepAlignError
 from ..io import mrc, star
-from ..io.atomic import atomic_write, staged_dir, write_text_atomic
+from ..io.atomic import staged_dir, write_text_atomic
+from ..io.chunks import ChunkStore, array_digest
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ..regionspec import region_lists
-from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, stage_config
-from .reconstruct import project_preprocess, reconstruct_particles
+from ._common import (CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest,
+                      stage_config)
+from ._reconstruction import project_preprocess, reconstruct_particles
 from .symmetry_arg import operators_for
-from .train import exit_on_interrupt, settings_digest
 
 REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after resampling
 SHARDS = "shards"
-PARTIAL = ".partial"
-DIGEST_CHARS = 16  # partial-results folder name: this many hex digits of the settings digest
-RESULT_ARRAYS = ("local", "eulers_deg", "origins_px", "score", "region", "whole_unit")
+RESULT_ARRAYS = ("eulers_deg", "origins_px", "score", "region", "whole_unit")  # one chunk's saved results
 PREDICTIONS_COLUMN = "rlnDeepAlignRegions"
 TOP1_COLUMN = "rlnDeepAlignRegion1"
 
@@ -212,35 +210,6 @@ def merge_shards(proj: Project, table: star.ParticleTable, out_dir: Path) -> tup
     return out, {"shards": [f.name for f in files], "seconds": round(seconds, 3)}
 
 
-# ------------------------------------------------------------------------------- resumability
-def chunk_file(partial_dir: Path, k: int) -> Path:
-    return partial_dir / f"chunk_{k:05d}.npz"
-
-
-def save_chunk(partial_dir: Path, k: int, local: np.ndarray, out: dict) -> None:
-    """One finished chunk (its row positions and results), written atomically."""
-    with atomic_write(chunk_file(partial_dir, k)) as tmp:
-        np.savez(tmp, local=local, **{name: out[name] for name in RESULT_ARRAYS[1:]})
-
-
-def load_chunk(partial_dir: Path, k: int, local: np.ndarray) -> dict | None:
-    """The saved results of chunk k when they cover exactly `local`; None otherwise (recompute)."""
-    path = chunk_file(partial_dir, k)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as z:
-            saved = {name: z[name] for name in RESULT_ARRAYS}
-    except (OSError, ValueError, KeyError):
-        return None
-    return saved if np.array_equal(saved["local"], local) else None
-
-
-def _array_digest(a) -> bytes:
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(str((a.dtype, a.shape)).encode() + a.tobytes()).digest()
-
-
 # ----------------------------------------------------------------------------------- command
 def command(
     project: Path = PROJECT_ARG,
@@ -270,6 +239,53 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
     proj = Project.open(project)
     stage = "align_exhaustive" if exhaustive else "align"
     out_dir = proj.root / stage
+    mode = "exhaustive" if exhaustive else "restricted"
+    shard_path = _check_can_write(proj, stage, out_dir, regions_spec, merge, force)
+    table = star.read_particles(proj.particles_star)
+    if merge:
+        return _merge(proj, table, stage, out_dir, al, mode)
+
+    centres, ops = _project_regions(proj, cfg)
+    cands, rows = _candidates(proj, table, len(centres), top_k, exhaustive, regions_spec)
+    pre = project_preprocess(proj, config)
+    source = ParticleSource(table, pre)
+    check_against_project(source, proj, proj.particles_star)
+    geo = gallery.search_geometry(source.box, source.pixel_ang, lowpass_resolution_ang=al.lowpass_resolution_ang,
+                                  target_resolution_ang=pre.target_resolution_ang, angular_step_deg=al.angular_step_deg,
+                                  psi_step_deg=al.psi_step_deg, min_margin_deg=al.region_margin_deg)
+    with Timer() as t:
+        vol, ref_desc = load_reference(proj, reference, source, pre, config)
+        cand_mat = candidate_matrix([cands[i] for i in rows]) if cands is not None and not exhaustive else None
+        chunk = source.chunk_size(al.memory_budget_gb)
+        digest = settings_digest(
+            mode, al, pre, source.box, source.pixel_ang, round(geo.resolution_ang, 6), geo.angular_step_deg, geo.psi_step_deg,
+            geo.margin_deg, chunk, hashlib.sha256(Path(proj.particles_star).read_bytes()).digest(), array_digest(rows),
+            array_digest(vol), array_digest(centres), array_digest(ops), None if cand_mat is None else array_digest(cand_mat))
+        store = ChunkStore.for_stage(out_dir, digest, resume)
+        res = _align_in_chunks(source, rows, vol, cand_mat, centres, ops, geo, al, exhaustive, chunk, store, resume)
+        if resume:
+            console.print(f"resume: {res['chunks_reused']} of {res['chunks']} chunks reused from {store.folder.relative_to(proj.root)}"
+                          + ("" if res["chunks_reused"] else " (none saved with these settings; started from the first chunk)"))
+    aligned = with_alignment(table, rows, res["eulers_deg"], res["origins_px"] * source.pixel_ang, res["score"], res["region"])
+    summary = _summary(mode, res, t.seconds, ref_desc, source, geo, al, cand_mat, regions_spec)
+    if shard_path is not None:
+        star.write_particles(shard_path, aligned)
+        write_text_atomic(shard_path.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+        store.remove()
+        console.print(f"[green]aligned[/green] shard {regions_spec}: {summary['n_particles']} particles in {t.seconds:.1f} s "
+                      f"({summary['particles_per_s']:.1f} particles/s) → {shard_path}")
+        return
+    outputs = write_stage(out_dir, aligned, summary)
+    proj.mark_done(stage, outputs=outputs, seconds=t.seconds, config=al, mode=mode, n_particles=summary["n_particles"],
+                   angular_step_deg=summary["angular_step_deg"], psi_step_deg=summary["psi_step_deg"])
+    console.print(f"[green]aligned[/green] {summary['n_particles']} particles ({mode}, step {geo.angular_step_deg:.2f}°/"
+                  f"{geo.psi_step_deg:.2f}°, {source.box} px at {source.pixel_ang:.3f} Å) in {t.seconds:.1f} s "
+                  f"({summary['particles_per_s']:.1f} particles/s), median NCC {summary['median_score']:.3f} → {outputs[0]}")
+
+
+def _check_can_write(proj: Project, stage: str, out_dir: Path, regions_spec: str | None, merge: bool, force: bool) -> Path | None:
+    """The shard's STAR path (None without --regions), after refusing what cannot run: --merge with
+    --regions, a done stage or an existing shard without --force, a project without particles."""
     if merge and regions_spec is not None:
         raise DeepAlignError("--merge and --regions: run the shards first, then --merge alone")
     shard = parse_region_spec(regions_spec) if regions_spec is not None else None
@@ -280,112 +296,101 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
         raise DeepAlignError(f"{shard_path}: shard already aligned; use --force to redo")
     if proj.particles_star is None:
         raise DeepAlignError(f"{proj.root}: the project has no particle STAR (deepalign init PROJECT --particles …)")
-    table = star.read_particles(proj.particles_star)
-    mode = "exhaustive" if exhaustive else "restricted"
+    return shard_path
 
-    if merge:
-        with Timer() as t:
-            aligned, info = merge_shards(proj, table, out_dir)
-        summary = {"mode": mode, "n_particles": len(aligned), **info, "merge_seconds": round(t.seconds, 3)}
-        outputs = write_stage(out_dir, aligned, summary)
-        proj.mark_done(stage, outputs=outputs, seconds=info["seconds"], config=al, mode=mode, merged_shards=len(info["shards"]))
-        console.print(f"[green]merged[/green] {len(info['shards'])} shards, {len(aligned)} particles → {outputs[0]}")
-        return
 
+def _merge(proj: Project, table: star.ParticleTable, stage: str, out_dir: Path, al, mode: str) -> None:
+    """--merge: the shards under out_dir/shards/ → the stage's outputs."""
+    with Timer() as t:
+        aligned, info = merge_shards(proj, table, out_dir)
+    summary = {"mode": mode, "n_particles": len(aligned), **info, "merge_seconds": round(t.seconds, 3)}
+    outputs = write_stage(out_dir, aligned, summary)
+    proj.mark_done(stage, outputs=outputs, seconds=info["seconds"], config=al, mode=mode, merged_shards=len(info["shards"]))
+    console.print(f"[green]merged[/green] {len(info['shards'])} shards, {len(aligned)} particles → {outputs[0]}")
+
+
+def _project_regions(proj: Project, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(region centres (R, 3), symmetry operators (G, 3, 3)) of the regions `label` recorded (else the config's)."""
     reg_dict = proj.stage_config("regions")
     reg = RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions
     ops, _ = operators_for(reg.symmetry, option="regions.symmetry")
-    centres = regions.region_centres(reg.spacing_deg, ops)
+    return regions.region_centres(reg.spacing_deg, ops), ops
+
+
+def _candidates(proj: Project, table: star.ParticleTable, n_regions: int, top_k: int | None, exhaustive: bool,
+                regions_spec: str | None) -> tuple[list[list[int]] | None, np.ndarray]:
+    """(candidate regions of every particle or None, rows of `table` to align: all, or the shard's)."""
     cands = None
-    if not exhaustive or shard is not None:
-        cands = read_predictions(proj, table, len(centres), top_k, why=" (--regions shards by top-1 region)" if exhaustive else "")
+    if not exhaustive or regions_spec is not None:
+        cands = read_predictions(proj, table, n_regions, top_k, why=" (--regions shards by top-1 region)" if exhaustive else "")
     rows = np.arange(len(table))
-    if shard is not None:
-        rows = np.flatnonzero(np.isin([c[0] for c in cands], shard))
+    if regions_spec is not None:
+        rows = np.flatnonzero(np.isin([c[0] for c in cands], parse_region_spec(regions_spec)))
         if len(rows) == 0:
             raise DeepAlignError(f"--regions {regions_spec}: no particle has its top-1 region in this list")
+    return cands, rows
 
-    pre = project_preprocess(proj, config)
-    source = ParticleSource(table, pre)
-    check_against_project(source, proj, proj.particles_star)
-    box, pixel = source.box, source.pixel_ang
-    resolution = al.lowpass_resolution_ang or pre.target_resolution_ang or preprocess.PAPER_PIXEL_PER_RESOLUTION * pixel
-    resolution = max(resolution, 2 * pixel)
-    step = al.angular_step_deg or gallery.default_angular_step_deg(resolution, box * pixel)
-    psi = al.psi_step_deg or step
-    margin = max(al.region_margin_deg, 2 * gallery.COVERING_RADIUS_FACTOR * step)
 
-    with Timer() as t:
-        vol, ref_desc = load_reference(proj, reference, source, pre, config)
-        vol_ft = projector.prepare_volume(preprocess.lowpass_volume(vol, pixel, resolution))
-        cand_mat = candidate_matrix([cands[i] for i in rows]) if cands is not None and not exhaustive else None
-        order = np.lexsort(np.sort(cand_mat, axis=1).T[::-1]) if cand_mat is not None else np.arange(len(rows))
-        n = len(rows)
-        eulers, origins_px = np.zeros((n, 3)), np.zeros((n, 2))
-        score, region, whole = np.zeros(n), np.zeros(n, int), np.zeros(n, bool)
-        chunk = source.chunk_size(al.memory_budget_gb)
-        digest = settings_digest(
-            mode, al, pre, box, pixel, round(resolution, 6), step, psi, margin, chunk,
-            hashlib.sha256(Path(proj.particles_star).read_bytes()).digest(), _array_digest(rows), _array_digest(vol),
-            _array_digest(centres), _array_digest(ops), None if cand_mat is None else _array_digest(cand_mat))
-        partial_dir = out_dir / PARTIAL / digest[:DIGEST_CHARS]
-        if not resume:
-            shutil.rmtree(partial_dir, ignore_errors=True)
-        starts = range(0, n, chunk)
-        reused = 0
-        step_seconds = {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}
-        table_cache: dict = {}  # the reference table, projected once for all chunks
-        t0 = time.perf_counter()
-        with progress() as bar:
-            task = bar.add_task(f"align ({mode})", total=n, rate="")
-            for k, start in enumerate(starts):
-                local = order[start : start + chunk]
-                idx = rows[local]
-                out = load_chunk(partial_dir, k, local) if resume else None
-                if out is None:
-                    def tick(done, base=start):
-                        bar.update(task, completed=base + done, rate=f"{(base + done) / max(time.perf_counter() - t0, 1e-9):.1f} particles/s")
+def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, cand_mat: np.ndarray | None, centres, ops,
+                     geo: gallery.SearchGeometry, al, exhaustive: bool, chunk: int, store: ChunkStore, resume: bool) -> dict:
+    """align_particles over the particles `rows` in fixed chunks of `chunk` (particles with the same
+    candidate set side by side), each finished chunk saved to `store` and, with `resume`, loaded
+    back instead of recomputed. Returns the RESULT_ARRAYS in the order of `rows`, step_seconds,
+    chunks and chunks_reused."""
+    pixel = source.pixel_ang
+    vol_ft = projector.prepare_volume(preprocess.lowpass_volume(vol, pixel, geo.resolution_ang))
+    order = np.lexsort(np.sort(cand_mat, axis=1).T[::-1]) if cand_mat is not None else np.arange(len(rows))
+    n = len(rows)
+    res = {"eulers_deg": np.zeros((n, 3)), "origins_px": np.zeros((n, 2)), "score": np.zeros(n), "region": np.zeros(n, int),
+           "whole_unit": np.zeros(n, bool)}
+    starts = range(0, n, chunk)
+    reused = 0
+    step_seconds = {"project": 0.0, "features": 0.0, "coarse": 0.0, "refine": 0.0}
+    table_cache: dict = {}  # the reference table, projected once for all chunks
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"align ({'exhaustive' if exhaustive else 'restricted'})", total=n, rate="")
+        for k, start in enumerate(starts):
+            local = order[start : start + chunk]
+            idx = rows[local]
+            out = store.load(k, RESULT_ARRAYS, local=local) if resume else None
+            if out is None:
+                def tick(done, base=start):
+                    bar.update(task, completed=base + done, rate=f"{(base + done) / max(time.perf_counter() - t0, 1e-9):.1f} particles/s")
 
-                    out = align_particles(
-                        source.read(idx), vol_ft, None if cand_mat is None else cand_mat[local], centres, ops,
-                        pixel_size_ang=pixel, angular_step_deg=step, psi_step_deg=psi, margin_deg=margin, max_shift_px=al.max_shift_px,
-                        ctf_params=source.ctf_params(idx) if al.ctf else None, refine=al.refine, lowpass_resolution_ang=resolution,
-                        memory_budget_gb=al.memory_budget_gb, exhaustive=exhaustive, progress=tick, table_cache=table_cache,
-                    )
-                    save_chunk(partial_dir, k, local, out)
-                    for name, sec in out["seconds"].items():
-                        step_seconds[name] += sec
-                else:
-                    reused += 1
-                    bar.update(task, completed=start + len(local))
-                eulers[local], origins_px[local] = out["eulers_deg"], out["origins_px"]
-                score[local], region[local], whole[local] = out["score"], out["region"], out["whole_unit"]
-        if resume:
-            console.print(f"resume: {reused} of {len(starts)} chunks reused from {partial_dir.relative_to(proj.root)}"
-                          + ("" if reused else " (none saved with these settings; started from the first chunk)"))
-    aligned = with_alignment(table, rows, eulers, origins_px * pixel, score, region)
+                out = align_particles(
+                    source.read(idx), vol_ft, None if cand_mat is None else cand_mat[local], centres, ops,
+                    pixel_size_ang=pixel, angular_step_deg=geo.angular_step_deg, psi_step_deg=geo.psi_step_deg,
+                    margin_deg=geo.margin_deg, max_shift_px=al.max_shift_px, ctf_params=source.ctf_params(idx) if al.ctf else None,
+                    refine=al.refine, lowpass_resolution_ang=geo.resolution_ang, memory_budget_gb=al.memory_budget_gb,
+                    exhaustive=exhaustive, progress=tick, table_cache=table_cache,
+                )
+                store.save(k, {"local": local, **{name: out[name] for name in RESULT_ARRAYS}})
+                for name, sec in out["seconds"].items():
+                    step_seconds[name] += sec
+            else:
+                reused += 1
+                bar.update(task, completed=start + len(local))
+            for name in RESULT_ARRAYS:
+                res[name][local] = out[name]
+    return {**res, "step_seconds": step_seconds, "chunks": len(starts), "chunks_reused": reused}
+
+
+def _summary(mode: str, res: dict, seconds: float, ref_desc: str, source: ParticleSource, geo: gallery.SearchGeometry, al,
+             cand_mat: np.ndarray | None, regions_spec: str | None) -> dict:
+    """summary.json of a search (and its notice when particles were searched over the whole asymmetric unit)."""
+    n = len(res["score"])
     # restricted: particles whose candidate galleries cost more than the asymmetric unit were searched over it
-    whole_unit = 0 if cand_mat is None else int(whole.sum())
+    whole_unit = 0 if cand_mat is None else int(res["whole_unit"].sum())
     if whole_unit:
         console.print(f"{whole_unit} of {n} particles searched over the whole asymmetric unit: their candidate regions "
-                      f"with {margin:.1f}° margins hold as many references (or, in a chunk, all but "
+                      f"with {geo.margin_deg:.1f}° margins hold as many references (or, in a chunk, all but "
                       f"< {RESTRICTED_MIN_FRACTION:.0%} of the particles did)")
-    summary = {"mode": mode, "n_particles": n, "seconds": round(t.seconds, 3), "particles_per_s": round(n / max(t.seconds, 1e-9), 3),
-               "reference": ref_desc, "working_box_px": box, "working_pixel_ang": pixel, "lowpass_resolution_ang": round(resolution, 3),
-               "angular_step_deg": round(step, 4), "psi_step_deg": round(psi, 4), "margin_deg": round(margin, 4),
-               "max_shift_px": al.max_shift_px, "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
-               "whole_unit_particles": whole_unit,
-               "median_score": float(np.median(score)), "regions": regions_spec, "chunks": len(starts), "chunks_reused": reused,
-               "step_seconds": {k: round(v, 3) for k, v in step_seconds.items()}}
-    if shard is not None:
-        star.write_particles(shard_path, aligned)
-        write_text_atomic(shard_path.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        console.print(f"[green]aligned[/green] shard {regions_spec}: {n} particles in {t.seconds:.1f} s "
-                      f"({summary['particles_per_s']:.1f} particles/s) → {shard_path}")
-        return
-    outputs = write_stage(out_dir, aligned, summary)
-    proj.mark_done(stage, outputs=outputs, seconds=t.seconds, config=al, mode=mode, n_particles=n,
-                   angular_step_deg=summary["angular_step_deg"], psi_step_deg=summary["psi_step_deg"])
-    console.print(f"[green]aligned[/green] {n} particles ({mode}, step {step:.2f}°/{psi:.2f}°, {box} px at {pixel:.3f} Å) in "
-                  f"{t.seconds:.1f} s ({summary['particles_per_s']:.1f} particles/s), median NCC {summary['median_score']:.3f} → {outputs[0]}")
+    return {"mode": mode, "n_particles": n, "seconds": round(seconds, 3), "particles_per_s": round(n / max(seconds, 1e-9), 3),
+            "reference": ref_desc, "working_box_px": source.box, "working_pixel_ang": source.pixel_ang,
+            "lowpass_resolution_ang": round(geo.resolution_ang, 3), "angular_step_deg": round(geo.angular_step_deg, 4),
+            "psi_step_deg": round(geo.psi_step_deg, 4), "margin_deg": round(geo.margin_deg, 4), "max_shift_px": al.max_shift_px,
+            "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
+            "whole_unit_particles": whole_unit, "median_score": float(np.median(res["score"])), "regions": regions_spec,
+            "chunks": res["chunks"], "chunks_reused": res["chunks_reused"],
+            "step_seconds": {k: round(v, 3) for k, v in res["step_seconds"].items()}}

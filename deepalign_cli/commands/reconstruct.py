@@ -21,15 +21,12 @@ default. The folder appears whole or not at all.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import typer
 
 from .. import plots
-from ..config import PreprocessConfig, ReconstructConfig
 from ..core import preprocess, reconstruction
 from ..errors import DeepAlignError
 from ..io import mrc, star
@@ -37,66 +34,11 @@ from ..io.atomic import staged_dir, write_text_atomic
 from ..io.particles import read_any
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
-from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, console, progress, stage_config
+from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, console, stage_config
+from ._reconstruction import project_preprocess, reconstruct_particles
 
 DEFAULT_NAME = "aligned"
 STAGE = "reconstruct"
-IMAGE_CHUNK_BUDGET_GB = 1.0  # prepared images held at once; the (2N)³ grids come on top
-
-
-def project_preprocess(proj: Project, config_path: Path | None) -> PreprocessConfig:
-    """The preprocess config images are prepared with: the --config file's when given, else the
-    one the project recorded (so align sees what train/predict saw), else the defaults. A --config
-    that differs from the recorded one gets a warning (the working images would differ)."""
-    recorded = proj.stage_config("preprocess")
-    if config_path is None:
-        return PreprocessConfig.model_validate(recorded) if recorded else PreprocessConfig()
-    _, pre = stage_config(config_path, "preprocess")
-    if recorded and PreprocessConfig.model_validate(recorded) != pre:
-        console.print(f"[yellow]warning:[/yellow] {config_path}: preprocess differs from the one recorded in {proj.yaml_path}; "
-                      "images are prepared as the config says")
-    return pre
-
-
-def reconstruct_particles(source: ParticleSource, eulers_deg: np.ndarray, origins_ang: np.ndarray, rec: ReconstructConfig,
-                          description: str = "reconstruct") -> dict:
-    """Half maps and full map (working box and pixel) of the particles of `source`, streamed.
-
-    eulers_deg: (n, 3) RELION angles.  origins_ang: (n, 2) RELION origins in Å.
-    Returns dict: map, half1, half2 ((N, N, N) float32), freqs (cycles/px), fsc, resolution_ang.
-    """
-    n, pixel = len(source), source.pixel_ang
-    perm = np.asarray(jax.random.permutation(jax.random.PRNGKey(rec.seed), n))
-    half = np.zeros(n, int)
-    half[perm[n // 2 :]] = 1
-    origins_px = np.asarray(origins_ang, float) / pixel
-    ctf_all = source.ctf_params()
-    if n < 2:
-        raise DeepAlignError(f"{source.table.name}: {n} particle; two half sets need at least 2")
-    grids = [None, None]
-    t0, done = time.perf_counter(), 0
-    with progress(transient=True) as bar:
-        task = bar.add_task(description, total=n, rate="")
-        for idx, images in source.iter_chunks(source.chunk_size(IMAGE_CHUNK_BUDGET_GB)):
-            for h in (0, 1):
-                local = np.flatnonzero(half[idx] == h)
-                if len(local) == 0:
-                    continue
-                rows = idx[local]
-                ctf = None if ctf_all is None else source.ctf_params(rows)
-                num, wt = reconstruction.backproject(images[local], eulers_deg[rows], origins_px[rows], ctf, pixel)
-                grids[h] = (num, wt) if grids[h] is None else (grids[h][0] + num, grids[h][1] + wt)
-            done += len(idx)
-            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.0f} particles/s")
-
-    def finish(num, wt):
-        return np.asarray(reconstruction.finalize(num, wt, box=source.box, wiener_constant=rec.wiener_constant))
-
-    half1, half2 = finish(*grids[0]), finish(*grids[1])
-    full = finish(grids[0][0] + grids[1][0], grids[0][1] + grids[1][1])
-    freqs, curve = reconstruction.fsc(half1, half2)
-    return {"map": full, "half1": half1, "half2": half2, "freqs": freqs, "fsc": curve,
-            "resolution_ang": reconstruction.resolution_at(freqs, curve, pixel)}
 
 
 def _fsc_png(path: Path, freqs_per_ang: np.ndarray, curve: np.ndarray, resolution_ang: float, title: str) -> None:

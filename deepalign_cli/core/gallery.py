@@ -26,13 +26,17 @@ searched G times.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .geometry import fibonacci_sphere
+from .preprocess import PAPER_PIXEL_PER_RESOLUTION
 from .regions import direction_region_distances
 
 COVERING_RADIUS_FACTOR = 0.77  # max angle from any direction to the lattice, in units of the step
 TIE_TOLERANCE_DEG = 1e-6  # a lattice point on a region border belongs to both regions
+NYQUIST_PX = 2.0  # the finest resolution an image holds, in pixels
 
 
 def default_angular_step_deg(resolution_ang: float, diameter_ang: float) -> float:
@@ -45,6 +49,46 @@ def default_angular_step_deg(resolution_ang: float, diameter_ang: float) -> floa
     size × pixel size when unknown).
     """
     return float(np.rad2deg(np.arctan(resolution_ang / diameter_ang)))
+
+
+def border_margin_deg(step_deg: float) -> float:
+    """Smallest gallery margin (degrees) that keeps the nearest lattice direction of a pose on a
+    region border inside the region's gallery: 2 × COVERING_RADIUS_FACTOR × step."""
+    return 2 * COVERING_RADIUS_FACTOR * step_deg
+
+
+class SearchGeometry(NamedTuple):
+    """How finely one correlation search samples poses and frequencies.
+
+    resolution_ang: band limit (Å) of the reference low-pass and of the score.
+    angular_step_deg: gallery direction step.  psi_step_deg: in-plane step.
+    margin_deg: how far each region's gallery extends past the region border.
+    """
+
+    resolution_ang: float
+    angular_step_deg: float
+    psi_step_deg: float
+    margin_deg: float
+
+
+def search_geometry(box_px: int, pixel_ang: float, *, lowpass_resolution_ang: float | None = None,
+                    target_resolution_ang: float | None = None, angular_step_deg: float | None = None,
+                    psi_step_deg: float | None = None, min_margin_deg: float = 0.0) -> SearchGeometry:
+    """The search geometry of `align`, with every value not given filled by its default.
+
+    box_px, pixel_ang: the particles' working box (px) and pixel size (Å/px).
+    resolution: lowpass_resolution_ang, else target_resolution_ang, else PAPER_PIXEL_PER_RESOLUTION
+    × pixel (the paper's pixel = resolution / 3); never finer than Nyquist (2 px).
+    angular step: angular_step_deg, else Crowther (:func:`default_angular_step_deg` with the box
+    size in Å as the diameter).  psi step: psi_step_deg, else the angular step.
+    margin: min_margin_deg (degrees), raised to :func:`border_margin_deg` of the angular step.
+    A None or 0 value counts as not given.
+    """
+    resolution = lowpass_resolution_ang or target_resolution_ang or PAPER_PIXEL_PER_RESOLUTION * pixel_ang
+    resolution = max(resolution, NYQUIST_PX * pixel_ang)
+    step = angular_step_deg or default_angular_step_deg(resolution, box_px * pixel_ang)
+    psi = psi_step_deg or step
+    return SearchGeometry(resolution, step, psi, max(min_margin_deg, border_margin_deg(step)))
 
 
 def sphere_lattice(step_deg: float) -> np.ndarray:
