@@ -14,7 +14,7 @@ step, batch 128; `benchmarks/malloc_ab.py`, on/off in alternating processes):
   lock, training 0.84–0.97× (six alternating pairs), so small boxes keep glibc's arenas.
 
 Two steps:
-- `configure` (on import, ``deepalign_cli/__init__.py``): ``M_MMAP_THRESHOLD`` and
+- `configure` (by `runtime.configure_process`, at the entry point): ``M_MMAP_THRESHOLD`` and
   ``M_TRIM_THRESHOLD`` = 1 GiB, so blocks below 1 GiB come from the heaps and freed memory is
   kept for reuse. 32 px: training 0.91–1.04× (within this machine's noise), prediction
   1.19–1.22×.

@@ -10,7 +10,8 @@
     deepalign reconstruct-args demo --program relion
 
 Each command module in `commands/` exposes `command` (a Typer-compatible function). Errors of
-type DeepAlignError are printed as one red line on stderr with exit code 1.
+type DeepAlignError are printed as one red line on stderr with exit code 1. `run` applies the
+process-wide settings (`runtime.configure_process`: XLA flags, malloc) before any command loads.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import sys
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import DeepAlignError
+from .runtime import configure_process
 
 # (command name, module in deepalign_cli.commands, one-line help) in pipeline order
 STAGES = [
@@ -51,6 +54,25 @@ def _placeholder(args: list[str] = typer.Argument(None)) -> None:  # pragma: no 
     raise DeepAlignError("internal error: a stage that was not loaded was invoked")
 
 
+def _flags_without_metavar(params: list) -> list:
+    """Boolean flags (``--force``, ``--help``) take no value: clear the ``<bool>`` typer would show
+    after them in --help. Options that take a value keep theirs (``--epochs <int>``)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx):
+        return _flags_without_metavar(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _flags_without_metavar(super().get_params(ctx))
+
+
 def build_app(only: str | None = None) -> typer.Typer:
     """The Typer app. With `only` (a stage name), only that stage's module is imported and the
     others are registered as placeholders with their one-line help: a stage's process then skips
@@ -61,10 +83,11 @@ def build_app(only: str | None = None) -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        cls=_Group,
     )
     for name, module, help_ in STAGES:
         if only is not None and name != only:
-            app.command(name, help=help_)(_placeholder)
+            app.command(name, help=help_, cls=_Command)(_placeholder)
             continue
         try:
             fn = importlib.import_module(f".commands.{module}", __package__).command
@@ -72,7 +95,7 @@ def build_app(only: str | None = None) -> typer.Typer:
             if e.name != f"{__package__}.commands.{module}":
                 raise
             fn, help_ = _not_built(name), f"(not built yet) {help_}"
-        app.command(name, help=(fn.__doc__ or help_).strip().split("\n\n")[0] if fn.__doc__ else help_)(fn)
+        app.command(name, help=(fn.__doc__ or help_).strip().split("\n\n")[0] if fn.__doc__ else help_, cls=_Command)(fn)
     return app
 
 
@@ -94,7 +117,9 @@ def _requested_stage(argv: list[str]) -> str | None:
 
 
 def run() -> None:
-    """Entry point that turns DeepAlignError into one red line and exit code 1."""
+    """Entry point: process-wide settings first, then the command; DeepAlignError becomes one red
+    line and exit code 1."""
+    configure_process()  # before any command module or JAX backend starts
     try:
         stage = _requested_stage(sys.argv)
         app = build_app(stage) if stage is not None else _full_app()

@@ -1,8 +1,9 @@
-"""XLA:CPU settings deepalign runs with, applied once when the package is imported.
+"""XLA:CPU settings deepalign runs with, applied by `runtime.configure_process` at the entry point.
 
 XLA reads ``XLA_FLAGS`` when JAX creates its first backend, so `configure` must run before any
-JAX computation; ``deepalign_cli/__init__.py`` calls it, which covers the CLI, the tests and the
-benchmarks. It only *adds* to ``XLA_FLAGS``: a flag the user already set wins.
+JAX computation; `runtime.configure_process` calls it (the CLI's `main.run`, ``tests/conftest.py``;
+benchmarks and scripts that run JAX in-process call it themselves). Importing the package sets
+nothing. It only *adds* to ``XLA_FLAGS``: a flag the user already set wins.
 
 The one setting: ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce``.
 jaxlib 0.10 hands convolutions and reductions to YNNPACK by default; for the region CNN the

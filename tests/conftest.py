@@ -24,14 +24,18 @@ rerun or break its project freely.
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from deepalign_cli.runtime import configure_process
 
-import pytest
+configure_process()  # the settings the CLI runs with (XLA flags, malloc): first, before anything imports JAX
+
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 N_PARTICLES = 200
 BOX_PX = 32

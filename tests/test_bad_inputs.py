@@ -9,6 +9,9 @@ Troubleshooting table (for the README; `P` is the project folder):
 | STAR without a pixel size (no `data_optics`/`rlnImagePixelSize`) | `init P --particles nopixel.star` | `nopixel.star: no pixel size (rlnImagePixelSize in data_optics); pass --angpix` |
 | optics groups with different box sizes | `init P --particles mixed.star` | `mixed.star: optics groups have different box sizes (rlnImageSize)` |
 | a binary file named `.star` | `init P --particles corrupt.star` | `corrupt.star: no data_particles loop (and no other data block) found` |
+| STAR naming a stack that does not exist | `init P --particles nostack.star` | `nostack.star: particle 1 (1@./batch_0_restacked.mrc): stack not found (…/batch_0_restacked.mrc)` |
+| STAR whose stack has another box than rlnImageSize | `init P --particles wrongbox.star` | `wrongbox.star: particle 1 (…): …/particles.mrcs holds 32 px images but rlnImageSize is 64` |
+| STAR naming an image beyond its stack | `init P --particles beyond.star` | `beyond.star: particle 4 (000999@…/particles.mrcs): image 999 requested but …/particles.mrcs holds 200` |
 | map that does not exist | `simulate P --map missing.mrc` | `missing.mrc: file not found` |
 | not an MRC file | `simulate P --map garbage.mrc` | `garbage.mrc: not a valid MRC file (unsupported mode 252579084)` (or `(bad or missing header)`) |
 | truncated MRC | `simulate P --map truncated.mrc` | `truncated.mrc: truncated file (8704 bytes, the header's 16×16×16 mode-2 data needs 17408)` |
@@ -27,6 +30,9 @@ Troubleshooting table (for the README; `P` is the project folder):
 | config with an unknown key | `label P --config bad.yaml` | `bad.yaml: label.min_particles: Extra inputs are not permitted` |
 | config with a value of the wrong type | `label P --config bad.yaml` | `bad.yaml: label.min_particles_per_region: Input should be a valid integer, …` |
 | config that is not YAML | `label P --config bad.yaml` | `bad.yaml: not valid YAML (while parsing a flow sequence)` |
+| subset STAR moved away from its stacks | `label P --subset moved.star` | `moved.star: particle 1 (000001@simulated/particles.mrcs): stack not found (…)` |
+| subset whose stack has another box | `label P --subset wrongbox.star` | `wrongbox.star: particle 1 (…): … holds 32 px images but rlnImageSize is 64` |
+| subset naming an image beyond its stack | `label P --subset beyond.star` | `beyond.star: particle 4 (000999@…): image 999 requested but … holds 200` |
 | subset of an unknown type | `label P --subset subset.txt` | `subset.txt: unknown particle file type '.txt'; expected one of .star, .cs, .xmd` |
 | corrupt cryoSPARC file | `label P --subset bad.cs` | `bad.cs: not a cryoSPARC .cs file (we only support format version …)` |
 | subset at another pixel size than the project | `label P --subset other_pixel.star` | `other_pixel.star: pixel size 1.5 Å differs from the project's 10.1562 Å (…); …` |
@@ -35,11 +41,10 @@ Troubleshooting table (for the README; `P` is the project folder):
 | empty particle file among consensus inputs | `consensus empty.star truth.star --project P` | `empty.star: the particle table is empty` |
 | one consensus input | `consensus truth.star` | `truth.star: give at least two particle files to compare` |
 
-Rows still to add when the stages exist (no current command reads particle images): stack index
-beyond the stack, NaN/inf images, mixed box sizes between stacks (the `ImageReader` checks exist in
-io/mrc.py), pixel-size mismatch between a map and the particles (no command takes both yet; label
-now compares the subset with the project), labels from another project, predictions missing
-regions.
+`init` and `label` read every stack's header (io/stacks.py), so a missing stack, a stack of
+another box or an index beyond a stack fails there, naming the first failing particle; the later
+stages keep their own checks (rows below). Rows still to add: mixed box sizes between stacks,
+pixel-size mismatch between a map and the particles.
 
 Rows run in-process through `deepalign_cli.main.run` (the console script's function: same exit
 code, same stderr), except those that change the process (a file-size limit), which run in a
@@ -52,6 +57,7 @@ import dataclasses
 import hashlib
 import os
 import resource
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -137,6 +143,26 @@ def _empty_star(ws: Path) -> Path:
     return path
 
 
+def _with_images(path: Path, sim: Path, names=None, image_size: int | None = None, subset: bool = False) -> Path:
+    """The truth STAR (or the subset) at `path`, with other image names or another rlnImageSize.
+    names(i, stack) → rlnImageName of row i; stack is the absolute path of the project's stack."""
+    table = _subset(sim) if subset else star.read_particles(sim / "simulated" / "truth.star")
+    stack = (sim / "simulated" / "particles.mrcs").resolve()
+    if names is not None:
+        table.particles["rlnImageName"] = [names(i, stack) for i in range(len(table))]
+    if image_size is not None:
+        table.optics["rlnImageSize"] = image_size
+    return _write(path, table)
+
+
+def _absolute(i: int, stack: Path) -> str:
+    return f"{i + 1:06d}@{stack}"
+
+
+def _beyond_at_row_3(i: int, stack: Path) -> str:
+    return f"000999@{stack}" if i == 3 else _absolute(i, stack)
+
+
 def _text(path: Path, text: str | bytes) -> Path:
     (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
     return path
@@ -167,6 +193,12 @@ ROWS = [
     Row("init-mixed-box-sizes", lambda ws, sim: ["init", ws / "P", "--particles", _mixed_boxes(ws, sim)], ("mixed.star", "different box sizes")),
     Row("init-corrupt-star", lambda ws, sim: ["init", ws / "P", "--particles", _text(ws / "corrupt.star", bytes(range(256)) * 8)],
         ("corrupt.star", "no data_particles loop")),
+    Row("init-stack-not-found", lambda ws, sim: ["init", ws / "P", "--particles", _with_images(ws / "nostack.star", sim, lambda i, s: f"{i + 1}@./batch_0_restacked.mrc")],
+        ("nostack.star: particle 1 (1@./batch_0_restacked.mrc): stack not found", "batch_0_restacked.mrc)")),
+    Row("init-stack-of-another-box", lambda ws, sim: ["init", ws / "P", "--particles", _with_images(ws / "wrongbox.star", sim, _absolute, image_size=64)],
+        ("wrongbox.star: particle 1 (", "particles.mrcs holds 32 px images but rlnImageSize is 64")),
+    Row("init-index-beyond-stack", lambda ws, sim: ["init", ws / "P", "--particles", _with_images(ws / "beyond.star", sim, _beyond_at_row_3)],
+        ("beyond.star: particle 4 (000999@", "image 999 requested but", "particles.mrcs holds 200")),
     Row("simulate-missing-map", lambda ws, sim: ["simulate", ws / "P", "--map", ws / "missing.mrc"], ("missing.mrc", "file not found")),
     Row("simulate-corrupt-map", lambda ws, sim: ["simulate", ws / "P", "--map", _text(ws / "garbage.mrc", bytes(range(256)) * 12)],
         ("garbage.mrc", "not a valid MRC file")),
@@ -194,6 +226,12 @@ ROWS = [
     Row("label-config-wrong-type", lambda ws, sim: _label(sim, "--config", _config(ws, "label:\n  min_particles_per_region: many\n")),
         ("bad.yaml", "label.min_particles_per_region", "valid integer")),
     Row("label-config-not-yaml", lambda ws, sim: _label(sim, "--config", _config(ws, "label: [1, 2\n")), ("bad.yaml", "not valid YAML")),
+    Row("label-subset-moved-away-from-its-stack", lambda ws, sim: ["label", sim, "--subset", _write(ws / "moved.star", _subset(sim))],
+        ("moved.star: particle 1 (000001@simulated/particles.mrcs): stack not found",)),
+    Row("label-subset-stack-of-another-box", lambda ws, sim: ["label", sim, "--subset", _with_images(ws / "wrongbox.star", sim, _absolute, 64, subset=True)],
+        ("wrongbox.star: particle 1 (", "holds 32 px images but rlnImageSize is 64")),
+    Row("label-subset-index-beyond-stack", lambda ws, sim: ["label", sim, "--subset", _with_images(ws / "beyond.star", sim, _beyond_at_row_3, subset=True)],
+        ("beyond.star: particle 4 (000999@", "image 999 requested but", "holds 200")),
     Row("label-unknown-subset-suffix", lambda ws, sim: ["label", sim, "--subset", _text(ws / "subset.txt", "1@a.mrcs 0 0 0\n")],
         ("subset.txt", "unknown particle file type '.txt'")),
     Row("label-corrupt-cryosparc-file", lambda ws, sim: ["label", sim, "--subset", _text(ws / "bad.cs", b"\x93NUMPY garbage")],
@@ -362,3 +400,15 @@ def test_console_script_prints_the_same_line(sim_project, tmp_path, monkeypatch,
     code, _, err = run_in_process(args, tmp_path, monkeypatch, capfd)
     done = run_deepalign(*args, cwd=tmp_path)
     assert (done.returncode, done.stderr) == (code, err) == (1, f"error: --sym X3: unknown symmetry 'X3': use C1, Cn, Dn, T, O, I1 or I2 (RELION names)\n")
+
+
+def test_init_accepts_a_relion_star_beside_its_stack(sim_project, tmp_path):
+    """The real case behind the stack check: RELION names like ``1@./batch_0_restacked.mrc``,
+    resolved from the STAR's folder, pass when the stack is there."""
+    folder = tmp_path / "relion"
+    folder.mkdir()
+    shutil.copy(sim_project / "simulated" / "particles.mrcs", folder / "batch_0_restacked.mrc")
+    star_path = _with_images(folder / "particles.star", sim_project, lambda i, s: f"{i + 1}@./batch_0_restacked.mrc")
+    done = run_deepalign("init", tmp_path / "P", "--particles", star_path, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "200 particles, box 32 px" in done.stderr

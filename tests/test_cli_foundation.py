@@ -66,6 +66,34 @@ def test_help_lists_every_stage_and_marks_the_unbuilt_ones():
             assert "not built yet" in line, f"unbuilt stage {name} is not marked in --help: {line!r}"
 
 
+def test_help_shows_no_value_after_flags_and_the_type_after_options_that_take_one():
+    """`--force` takes no value, so --help shows nothing after it (typer would print `<bool>`);
+    `--epochs <int>` keeps its type. Every stage's help and the top-level help."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    group = typer.main.get_command(main_module.app)
+    runner = CliRunner()
+    top = runner.invoke(main_module.app, ["--help"], env={"COLUMNS": "200"})
+    assert top.exit_code == 0 and "--help" in top.output and "<bool>" not in top.output
+    for name, _, _ in STAGES:
+        result = runner.invoke(main_module.app, [name, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output, f"deepalign {name} --help:\n{result.output}"
+        command = group.commands[name]
+        with command.make_context(name, [], resilient_parsing=True) as ctx:
+            for param in (p for p in command.get_params(ctx) if p.param_type_name == "option"):
+                line = next(ln for ln in result.output.splitlines() if param.opts[0] in ln.split())
+                shown = param.display_type_rich(ctx)
+                if param.is_flag:
+                    assert not shown, (name, line)
+                else:
+                    assert shown and shown.startswith("<") and shown in line, (name, param.opts[0], line)
+    train = runner.invoke(main_module.app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert any("--epochs" in ln and "<int>" in ln for ln in train.splitlines())
+    assert any(ln.split()[1:3] == ["--force", "redo"] for ln in train.splitlines())
+
+
 def test_a_stage_process_imports_only_its_own_command_module():
     """`deepalign STAGE …` builds the CLI with the other stages as placeholders (their help kept):
     reconstruct never imports the training stack."""
@@ -181,7 +209,7 @@ def test_label_warns_about_regions_too_small_to_train(sim_project):
 @pytest.mark.parametrize("fmt", ["xmd", "cs"])
 def test_label_gives_the_same_regions_for_xmipp_and_cryosparc_files(sim_project, sim_project_labelled, tmp_path, fmt):
     subset = star.read_particles(sim_project / "simulated" / "subset.star")
-    path = tmp_path / f"subset.{fmt}"
+    path = sim_project / f"subset.{fmt}"  # beside simulated/, which its relative image names start with
     if fmt == "xmd":
         write_xmd(path, subset)
     else:

@@ -9,12 +9,15 @@ import pytest
 
 from deepalign_cli import host_malloc
 
-# In a fresh interpreter: optionally `share_one_arena(BOX)` first, then, after 10 warm-up calls
+# In a fresh interpreter: `configure_process()`, optionally `share_one_arena(BOX)`, then, after 10 warm-up calls
 # (the heap grows to its working size), the median page faults of 30 calls of a jitted op whose
 # output (128 × 16 × N² float32) XLA allocates in a worker thread and frees each time (the median:
 # this VM's memory reclaim now and then takes back idle pages, tuned or not).
 FAULTS = """
-import resource, statistics, sys, deepalign_cli, jax, jax.numpy as jnp
+import resource, statistics, sys
+from deepalign_cli.runtime import configure_process
+configure_process()  # what the CLI entry point does first
+import jax, jax.numpy as jnp
 from deepalign_cli import host_malloc
 box, n = int(sys.argv[1]), int(sys.argv[2])
 one_arena = host_malloc.share_one_arena(box) if box else False

@@ -1,4 +1,4 @@
-"""deepalign's XLA:CPU setting: added to XLA_FLAGS on import, never over a user's own flag."""
+"""deepalign's XLA:CPU setting: added to XLA_FLAGS by `runtime.configure_process`, never over a user's own flag."""
 
 import subprocess
 import sys
@@ -25,11 +25,11 @@ def test_opt_out_leaves_environment_alone():
     assert env["XLA_FLAGS"] == "--foo"
 
 
-def test_importing_the_package_sets_the_flag_before_jax_starts():
-    """In a fresh interpreter: import deepalign_cli, then JAX compiles with the setting (an XLA
+def test_configure_process_sets_the_flag_before_jax_starts():
+    """In a fresh interpreter: `configure_process()`, then JAX compiles with the setting (an XLA
     that rejected the flag would abort here)."""
     code = (
-        "import os, deepalign_cli, jax, jax.numpy as jnp; "
+        "import os; from deepalign_cli.runtime import configure_process; configure_process(); import jax, jax.numpy as jnp; "
         "print(os.environ.get('XLA_FLAGS', '')); print(float(jax.jit(lambda x: x.sum())(jnp.ones(3))))"
     )
     env_flags, value = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

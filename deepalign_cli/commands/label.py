@@ -7,10 +7,12 @@ Examples:
     deepalign label prot --subset cryosparc_P1_J20_particles.cs --sym D7 --spacing 20
     deepalign label prot --subset highres/images.xmd --config configs/proteasome_d7.yaml
 
-The subset may be a RELION STAR (3.0 or 3.1+), a cryoSPARC .cs or an Xmipp .xmd. psi does not
-matter: a particle's region is the centre nearest to its projection direction over the symmetry
-copies. Writes PROJECT/label/labels.star (the subset + rlnDeepAlignRegion, rlnDeepAlignRegionDist),
-regions.csv (centre and particle count per region) and regions.png.
+The subset may be a RELION STAR (3.0 or 3.1+), a cryoSPARC .cs or an Xmipp .xmd. Its image stacks
+are checked from their headers before anything is written: each exists, holds the indices named
+and has the subset's box (rlnImageSize, else the project's). psi does not matter: a particle's
+region is the centre nearest to its projection direction over the symmetry copies. Writes
+PROJECT/label/labels.star (the subset + rlnDeepAlignRegion, rlnDeepAlignRegionDist), regions.csv
+(centre and particle count per region) and regions.png.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..io import star
 from ..io.atomic import atomic_write, staged_dir
 from ..io.particles import read_any
 from ..io.project import Project
+from ..io.stacks import check_stacks
 from ._common import check_can_run, CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, console, stage_config
 from .symmetry_arg import operators_for
 
@@ -74,6 +77,7 @@ def command(
             raise DeepAlignError(f"{subset}: no particles")
         check_pixel_size(subset, table, proj)
         eulers, _ = star.get_poses(table, hint="label needs a pre-aligned subset with angles")
+        check_stacks(table, star.box_size(table) or proj.box_px)
         centres = regions.region_centres(reg.spacing_deg, ops)
         if len(centres) == 0:
             raise DeepAlignError(f"--spacing {reg.spacing_deg}: gives 0 regions in the {sym_name} asymmetric unit; use a smaller spacing")
