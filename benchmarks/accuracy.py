@@ -47,27 +47,33 @@ Per case (C1, and C4 with a C4-symmetrised map):
    compilation included).
 
 Writes a markdown table to stdout and benchmarks/results/accuracy.json (``accuracy_quick.json``
-with --quick) with machine, date, sizes and settings. Without the RELION binaries it says so and
-exits 0 without results. The machine's 2 cores may be shared: load averages are recorded. Scratch
-files (particles, projects, RELION runs, logs) stay in WORKDIR for inspection.
+with --quick) with sizes and settings (`_harness.write_result` adds machine and date). Without the
+RELION binaries it says so and exits 0 without results. The machine's 2 cores may be shared: load
+averages are recorded. Scratch files (particles, projects, RELION runs, logs) stay in WORKDIR for
+inspection.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
+from deepalign_cli.runtime import configure_process
 
-import numpy as np
+configure_process()  # before JAX starts (data making and scoring run JAX in this process)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _harness import write_result  # noqa: E402
+
 ROOT = HERE.parent
 MAP65 = ROOT / "deepalign_cli" / "data" / "ribosome70S_65.mrc"
 MAP_PIXEL_ANG = 5.0
@@ -486,7 +492,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new one under /tmp)")
     ap.add_argument("--reuse-data", action="store_true", help="keep WORKDIR/SYM particles when present")
     ap.add_argument("--skip-deepalign", action="store_true")
-    ap.add_argument("--model", choices=["per_region", "polar_trunk", "shared_trunk"], default="per_region",
+    ap.add_argument("--model", choices=["per_region", "polar_trunk"], default="per_region",
                     help="deepalign's region classifier (train.model)")
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--coverage", type=float, default=None,
@@ -514,13 +520,9 @@ def main() -> int:
         print(partial, flush=True)
     table = markdown(results, args.relion_mode)
 
-    import jax
-
     relion_version = subprocess.run(["relion_refine", "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "jax": jax.__version__, "jax_devices": str(jax.devices()), "relion": relion_version[0] if relion_version else None},
+        "relion": relion_version[0] if relion_version else None,
         "quick": args.quick,
         "sizes": {"n_particles": n, "box_px": BOX, "pixel_ang": PIXEL_ANG, "pre_aligned_fraction": PRE_ALIGNED_FRACTION},
         "settings": {"snr": SNR, "max_origin_px": MAX_ORIGIN_PX, "defocus_range_ang": DEFOCUS_RANGE_ANG,
@@ -532,10 +534,8 @@ def main() -> int:
         "total_s": time.perf_counter() - t0,
         "workdir": str(work),
     }
-    out = args.out or HERE / "results" / ("accuracy_quick.json" if args.quick else "accuracy.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1, default=str))
-    print(f"\n## Accuracy against relion_project truth ({n} particles per case, {meta['date']})\n")
+    out = write_result("accuracy_quick" if args.quick else "accuracy", {"meta": meta, "results": results, "table": table}, args.out)
+    print(f"\n## Accuracy against relion_project truth ({n} particles per case, {time.strftime('%Y-%m-%d %H:%M')})\n")
     print(table)
     for res in results:
         if "goal" in res:

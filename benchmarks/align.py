@@ -27,25 +27,32 @@ exhaustive runs of a row are back to back in one process (this machine's speed d
 over minutes, so only ratios within a row are meaningful). Also reported: the gallery-size bound
 on the ratio (mean over particles of |asymmetric unit| / |restricted gallery|), the achieved
 FLOP/s of the coarse correlation program (XLA cost analysis ÷ measured time of one call) and a
-matmul ceiling of this machine. Writes a markdown table to stdout and benchmarks/results/align.json.
+matmul ceiling of this machine. The coarse GEMM's particle chunk is `search.coarse_chunk()` (32 on
+CPU, 256 on accelerators; the sweep that chose 256 is in RESULTS.md, "On one GPU"). Writes a
+markdown table to stdout and benchmarks/results/align.json (`_harness.write_result`).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import time
-from pathlib import Path
+from deepalign_cli.runtime import configure_process
 
-import jax
-import jax.numpy as jnp
-import mrcfile
-import numpy as np
+configure_process()  # before JAX starts
 
-from deepalign_cli.core import ctf, gallery, geometry, preprocess, projector, regions, search, symmetry
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import mrcfile  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import best_seconds, matmul_flops, write_result, xla_cost  # noqa: E402
+
+from deepalign_cli.core import ctf, gallery, geometry, preprocess, projector, regions, search, symmetry  # noqa: E402
 
 MAP = Path(os.environ.get("DEEPALIGN_DATA", "/work/shared/data")) / "ribosome70S_65.mrc"
 PIXEL_ANG = 5.0
@@ -139,28 +146,7 @@ def _coarse_flops(vol_ft, box, pixel, opts, n_refs, b):
     powers = jnp.ones((1, n_refs, k), jnp.float32)
     mask = jnp.ones((1, n_refs), bool)
     args = (cf, c2, inorm, refs, powers, mask, jnp.int32(0), jnp.int32(1), band, shifts)
-    compiled = search.coarse_search.lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
-    return float(cost.get("flops", float("nan"))), min(times)
-
-
-def _matmul_ceiling(size=2048):
-    a = jnp.ones((size, size), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        times.append(time.perf_counter() - t)
-    return 2 * size**3 / min(times)
+    return xla_cost(search.coarse_search, *args)["flops"], best_seconds(search.coarse_search, *args)
 
 
 def bench(box, n, step_deg, memory_gb, setting):
@@ -224,10 +210,7 @@ def main():
     ap.add_argument("--memory-gb", type=float, default=8.0)
     ap.add_argument("--scale", type=int, default=1,
                     help="× the particle counts (a GPU needs thousands to amortise its per-call costs)")
-    ap.add_argument("--coarse-chunk", type=int, default=None,
-                    help=f"particles per coarse GEMM (default search.coarse_chunk(): {search.COARSE_CHUNK} on CPU, "
-                         f"{search.COARSE_CHUNK_ACCEL} on accelerators, as measured)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "align.json")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/align.json)")
     args = ap.parse_args()
     counts = {("pairs", 64): 64, ("pairs", 120): 32, ("spread", 64): 84, ("spread", 120): 42}
     steps = {64: None, 120: 3.0}  # align's default at 120 px (1.43°) costs ~17 s per exhaustive particle here
@@ -235,22 +218,10 @@ def main():
         counts = {k: max(16, v // 4) for k, v in counts.items()}
         steps = {64: 5.0, 120: 5.0}
     counts = {k: v * args.scale for k, v in counts.items()}
-    if args.coarse_chunk:
-        search.COARSE_CHUNK = search.COARSE_CHUNK_ACCEL = args.coarse_chunk
     rows = [bench(box, counts[(s, box)], args.step or steps.get(box), args.memory_gb, s) for s in args.settings for box in args.sizes]
-    ceiling = _matmul_ceiling()
-    meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": str(jax.devices()),
-        "platform": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "quick": args.quick,
-        "scale": args.scale,
-        "coarse_chunk": search.coarse_chunk(),
-        "matmul_ceiling_gflops": ceiling / 1e9,
-    }
-    print(f"align benchmark ({meta['device']}, {meta['cpu_count']} CPUs, {meta['date']}; "
+    ceiling = matmul_flops()
+    meta = {"quick": args.quick, "scale": args.scale, "coarse_chunk": search.coarse_chunk(), "matmul_ceiling_gflops": ceiling / 1e9}
+    print(f"align benchmark ({os.cpu_count()} CPUs; coarse chunk {meta['coarse_chunk']}; "
           f"f32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s)\n")
     print("| setting | box | particles (region groups) | step / margin | restricted p/s: run / search | exhaustive p/s: run / search "
           "| ratio: this run / **search** / 85k-particle data set | gallery bound | ≤ 5° restr / exh | coarse GFLOP/s |")
@@ -261,10 +232,7 @@ def main():
               f"{rs['particles_per_s']:.2f} / {rs['search_particles_per_s']:.2f} | {ex['particles_per_s']:.3f} / {ex['search_particles_per_s']:.3f} | "
               f"{r['speedup']:.1f}× / **{r['search_speedup']:.1f}×** / {r['dataset_speedup']:.1f}× | {r['gallery_ratio_bound']:.1f}× | "
               f"{100 * rs['fraction_within_5deg']:.0f} % / {100 * ex['fraction_within_5deg']:.0f} % | {r['coarse_gflops_per_s']:.0f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    os.replace(tmp, args.out)
+    print(f"→ {write_result('align', {'meta': meta, 'results': rows}, args.out)}")
 
 
 if __name__ == "__main__":

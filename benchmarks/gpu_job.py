@@ -17,16 +17,14 @@ particles at 120 px, 42 regions, 10 epochs, top-2, align — target ≤ 10 minut
 
 Each command is its own process with the time left of --budget as its timeout; the wall time of
 each (compilation included: it is part of the job) goes to the JSON as soon as it ends, so a job
-cut short still reports its finished stages. JAX_PLATFORMS is passed through unchanged (on CPU
-this runs too, slowly: use a small --particles to check it).
+cut short still reports its finished stages (`_harness.write_result`). JAX_PLATFORMS is passed
+through unchanged (on CPU this runs too, slowly: use a small --particles to check it).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import large_stack  # noqa: E402
+from _harness import write_result  # noqa: E402
 
 from deepalign_cli.io import mrc, star  # noqa: E402
 
@@ -60,7 +59,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.box < SIM_BOX_PX:
         ap.error(f"--box must be at least {SIM_BOX_PX} (particles are simulated at {SIM_BOX_PX} px and padded)")
-    large_stack.BOX_PX = a.box  # retarget() writes this box into the optics table
     w = a.workdir
     shutil.rmtree(w, ignore_errors=True)
     (w / "data").mkdir(parents=True)
@@ -72,19 +70,13 @@ train: {{epochs: {a.epochs}, images_per_region: {a.images_per_region}, batch_siz
 predict: {{top_k: 2}}
 align: {{region_margin_deg: 5.0, max_shift_px: 6}}
 """)
-    import jax
-
-    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(jax.devices()), "jax": jax.__version__,
-           "particles": a.particles, "box_px": a.box, "pixel_ang": pixel, "epochs": a.epochs, "images_per_region": a.images_per_region,
+    out = {"particles": a.particles, "box_px": a.box, "pixel_ang": pixel, "epochs": a.epochs, "images_per_region": a.images_per_region,
            "align_particles": a.align_particles, "stages": {}}
     t_start = time.perf_counter()
 
     def save():
         out["total_s"] = round(time.perf_counter() - t_start, 1)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(a.out)
+        write_result("gpu_job", out, a.out)
 
     def stage(name, *args):
         left = a.budget - (time.perf_counter() - t_start)
@@ -124,11 +116,11 @@ align: {{region_margin_deg: 5.0, max_shift_px: 6}}
         with mrc.StackWriter(data / "particles.mrcs", a.particles, a.box, pixel) as writer:
             for start in range(0, a.particles, CHUNK):
                 writer.write(start, large_stack.fourier_pad(np.asarray(src[start : start + CHUNK]), a.box))
-        star.write_particles(data / "particles.star", large_stack.retarget(parts, np.arange(a.particles), data / "particles.mrcs", pixel))
+        star.write_particles(data / "particles.star", large_stack.retarget(parts, np.arange(a.particles), data / "particles.mrcs", pixel, a.box))
         names = {n: i for i, n in enumerate(parts.particles["rlnImageName"])}
         rows = np.array([names[n] for n in subset.particles["rlnImageName"]])
         star.write_particles(data / "subset.star",
-                             large_stack.retarget(subset, np.arange(len(rows)), data / "particles.mrcs", pixel, index=rows))
+                             large_stack.retarget(subset, np.arange(len(rows)), data / "particles.mrcs", pixel, a.box, index=rows))
 
     def pad_map():  # the reference at the particles' pixel size (align wants a map at least that fine)
         vol, vox = mrc.read_map(simulated / "map.mrc")
@@ -152,7 +144,7 @@ align: {{region_margin_deg: 5.0, max_shift_px: 6}}
     sub = w / "align_subset"
 
     def make_align_project():
-        star.write_particles(data / "align.star", large_stack.retarget(parts, rows, data / "particles.mrcs", pixel, index=rows))
+        star.write_particles(data / "align.star", large_stack.retarget(parts, rows, data / "particles.mrcs", pixel, a.box, index=rows))
         p = subprocess.run(large_stack.deepalign("init", sub, "--particles", data / "align.star"), capture_output=True, text=True)
         if p.returncode:
             sys.exit(f"init of the align subset failed: {p.stderr.strip()[-300:]}")

@@ -1,7 +1,7 @@
 """Benchmark: `predict` and `align` on a particle stack larger than the memory they are given.
 
     .venv/bin/python benchmarks/large_stack.py                        # 100,000 × 128² float32 (6.1 GiB)
-    .venv/bin/python benchmarks/large_stack.py --n-particles 20000    # 1.2 GiB, a quick check
+    .venv/bin/python benchmarks/large_stack.py --quick                # 20,000 particles (1.2 GiB), 500 aligned
     .venv/bin/python benchmarks/large_stack.py --align-particles 4000 --keep   # keep WORKDIR
     .venv/bin/python benchmarks/large_stack.py --box 314 --n-particles 20000 --align-particles 500 \
         --out benchmarks/results/large_stack_314.json                    # the paper's spike box (7.3 GiB)
@@ -25,17 +25,15 @@ Each command runs in its own process; its resident memory is read from /proc/PID
 libraries). getrusage(RUSAGE_CHILDREN).ru_maxrss is reported too, but it is the largest of all
 children so far (the training run included). The stack and its memory maps are file-backed: the
 readers and the writer unmap every chunk after use (io/mrc.py), so the pages count in the page
-cache, not in the process's RSS. Writes benchmarks/results/large_stack.json and deletes WORKDIR
-(unless --keep). Needs about 1.1 × the stack size free on WORKDIR's disk.
+cache, not in the process's RSS. Writes benchmarks/results/large_stack.json (`_harness.write_result`)
+and deletes WORKDIR (unless --keep). Needs about 1.1 × the stack size free on WORKDIR's disk.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -46,12 +44,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from deepalign_cli.io import mrc, star
-from deepalign_cli.io.project import Project
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import write_result  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "large_stack.json"
+from deepalign_cli.io import mrc, star  # noqa: E402
+from deepalign_cli.io.project import Project  # noqa: E402
+
 BOX_PX = 128
+QUICK_PARTICLES, QUICK_ALIGNED = 20_000, 500
 SIM_BOX_PX = 64  # simulate's largest even box from the 65-px shipped map; padded to BOX_PX here
 N_SIM = 400
 NOISE_BANK = 64
@@ -120,7 +120,8 @@ def fourier_pad(images: np.ndarray, box: int) -> np.ndarray:
     return (np.fft.ifft2(np.fft.ifftshift(out, axes=(1, 2))).real * (box / m) ** 2).astype(np.float32)
 
 
-def retarget(table: star.ParticleTable, rows: np.ndarray, stack: Path, pixel_ang: float, index: np.ndarray | None = None) -> star.ParticleTable:
+def retarget(table: star.ParticleTable, rows: np.ndarray, stack: Path, pixel_ang: float, box_px: int,
+             index: np.ndarray | None = None) -> star.ParticleTable:
     """Rows of `table` pointing at images index+1 of `stack` (absolute path), at a new pixel size and box."""
     df = table.particles.iloc[rows].reset_index(drop=True).copy()
     index = np.arange(len(rows)) if index is None else index
@@ -128,7 +129,7 @@ def retarget(table: star.ParticleTable, rows: np.ndarray, stack: Path, pixel_ang
     optics = table.optics.copy()
     optics["rlnImagePixelSize"] = pixel_ang
     if "rlnImageSize" in optics:
-        optics["rlnImageSize"] = BOX_PX
+        optics["rlnImageSize"] = box_px
     return star.ParticleTable(df, optics, table.source)
 
 
@@ -149,19 +150,21 @@ def adopt_stages(dst: Path, src: Path, stages=("label", "train")) -> None:
 
 
 def main() -> None:
-    global BOX_PX
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-particles", type=int, default=100_000)
     ap.add_argument("--align-particles", type=int, default=2000, help="particles aligned (every k-th of the stack)")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_PARTICLES:,} particles, {QUICK_ALIGNED} aligned")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/deepalign_large_stack"))
     ap.add_argument("--keep", action="store_true", help="keep WORKDIR")
     ap.add_argument("--box", type=int, default=BOX_PX, help="stack box (px); 314 = the paper's spike case")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/large_stack.json)")
     a = ap.parse_args()
-    BOX_PX = a.box
+    if a.quick:
+        a.n_particles, a.align_particles = QUICK_PARTICLES, QUICK_ALIGNED
+    box = a.box
 
     w = a.workdir
-    need = a.n_particles * BOX_PX * BOX_PX * 4
+    need = a.n_particles * box * box * 4
     if w.exists():
         shutil.rmtree(w)
     w.mkdir(parents=True)
@@ -172,20 +175,20 @@ def main() -> None:
     cfg.write_text(CONFIG)
     timings = {}
     try:
-        # 1. small simulated set, padded to BOX_PX, trained
+        # 1. small simulated set, padded to the box, trained
         t0 = time.perf_counter()
         run_quiet("simulate", w / "sim", "--n-particles", N_SIM, "--box", SIM_BOX_PX, "--pre-aligned-fraction", 0.5, "--seed", 0)
         sim = w / "sim" / "simulated"
         parts, subset = star.read_particles(sim / "particles.star"), star.read_particles(sim / "subset.star")
-        pixel = star.pixel_size(parts) * SIM_BOX_PX / BOX_PX
-        padded = fourier_pad(np.asarray(mrc.open_stack(sim / "particles.mrcs")), BOX_PX)
+        pixel = star.pixel_size(parts) * SIM_BOX_PX / box
+        padded = fourier_pad(np.asarray(mrc.open_stack(sim / "particles.mrcs")), box)
         data = w / "data"
         data.mkdir()
         mrc.write_stack(data / "small.mrcs", padded, pixel)
-        star.write_particles(data / "small.star", retarget(parts, np.arange(N_SIM), data / "small.mrcs", pixel))
+        star.write_particles(data / "small.star", retarget(parts, np.arange(N_SIM), data / "small.mrcs", pixel, box))
         names = list(parts.particles["rlnImageName"])
         sub_rows = np.array([names.index(n) for n in subset.particles["rlnImageName"]])
-        star.write_particles(data / "subset.star", retarget(subset, np.arange(len(sub_rows)), data / "small.mrcs", pixel, index=sub_rows))
+        star.write_particles(data / "subset.star", retarget(subset, np.arange(len(sub_rows)), data / "small.mrcs", pixel, box, index=sub_rows))
         run_quiet("init", w / "small", "--particles", data / "small.star")
         run_quiet("label", w / "small", "--subset", data / "subset.star", "--config", cfg)
         run_quiet("train", w / "small", "--config", cfg)
@@ -194,15 +197,15 @@ def main() -> None:
         # 2. the big stack, written chunk by chunk
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
-        noise = (rng.standard_normal((NOISE_BANK, BOX_PX, BOX_PX)) * NOISE_SIGMA * padded.std()).astype(np.float32)
+        noise = (rng.standard_normal((NOISE_BANK, box, box)) * NOISE_SIGMA * padded.std()).astype(np.float32)
         n = a.n_particles
-        with mrc.StackWriter(data / "big.mrcs", n, BOX_PX, pixel) as writer:
+        with mrc.StackWriter(data / "big.mrcs", n, box, pixel) as writer:
             for start in range(0, n, WRITE_CHUNK):
                 idx = np.arange(start, min(start + WRITE_CHUNK, n))
-                shift = (idx // NOISE_BANK) % BOX_PX  # rolled noise: 64 × 128 distinct patterns
+                shift = (idx // NOISE_BANK) % box  # rolled noise: 64 × 128 distinct patterns
                 chunk = padded[idx % N_SIM] + np.stack([np.roll(noise[i % NOISE_BANK], s, axis=1) for i, s in zip(idx, shift)])
                 writer.write(start, chunk)
-        star.write_particles(data / "big.star", retarget(parts, np.arange(n) % N_SIM, data / "big.mrcs", pixel))
+        star.write_particles(data / "big.star", retarget(parts, np.arange(n) % N_SIM, data / "big.mrcs", pixel, box))
         timings["write_stack_s"] = round(time.perf_counter() - t0, 1)
         write_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         stack_bytes = (data / "big.mrcs").stat().st_size
@@ -214,7 +217,7 @@ def main() -> None:
         predict = measured("predict", big, "--config", cfg, "--memory-budget-gb", MEMORY_BUDGET_GB)
         k = max(1, n // a.align_particles)
         rows = np.arange(0, n, k)[: a.align_particles]
-        star.write_particles(data / "sub.star", retarget(parts, rows % N_SIM, data / "big.mrcs", pixel, index=rows))
+        star.write_particles(data / "sub.star", retarget(parts, rows % N_SIM, data / "big.mrcs", pixel, box, index=rows))
         sub = w / "sub"
         run_quiet("init", sub, "--particles", data / "sub.star")
         adopt_stages(sub, w / "small", stages=("label",))
@@ -230,22 +233,17 @@ def main() -> None:
         predict["n_particles"] = n
         predict["particles_per_s"] = round(n / predict["seconds"], 1)
 
-        import jax
-
         out = {
-            "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(jax.devices()),
-                     "platform": platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                     "memory_budget_gb": MEMORY_BUDGET_GB, "workdir": str(w)},
-            "stack": {"n_particles": n, "box_px": BOX_PX, "pixel_ang": round(pixel, 4), "bytes": stack_bytes,
+            "meta": {"memory_budget_gb": MEMORY_BUDGET_GB, "workdir": str(w), "jax_platforms": os.environ.get("JAX_PLATFORMS", "cpu")},
+            "stack": {"n_particles": n, "box_px": box, "pixel_ang": round(pixel, 4), "bytes": stack_bytes,
                       "gib": round(stack_bytes / 2**30, 2), "working_box_px": summary["working_box_px"]},
             "write": {"seconds": timings["write_stack_s"], "peak_rss_mib_this_process": write_rss_mib},
             "prepare_small_project_s": timings["prepare_small_project_s"],
             "predict": predict,
             "align": align,
         }
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))
+        print(f"→ {write_result('large_stack', out, a.out)}")
     finally:
         if not a.keep:
             shutil.rmtree(w, ignore_errors=True)

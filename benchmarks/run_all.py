@@ -1,8 +1,12 @@
-"""`make bench`: run every benchmark in sequence (each writes benchmarks/results/<name>.json and
-prints a markdown table; benchmarks/RESULTS.md collects the tables with machine and date).
+"""`make bench`: run the recurring CPU benchmarks in sequence (each writes
+benchmarks/results/<name>.json through `_harness.write_result`, with the machine, versions, git
+commit and date, and prints a markdown table; benchmarks/RESULTS.md collects the tables).
 
     python benchmarks/run_all.py            # full sizes
-    python benchmarks/run_all.py --quick    # a few minutes, for a smoke check
+    python benchmarks/run_all.py --quick    # smaller sizes, for a smoke check
+
+Not run here: gpu.py and gpu_job.py (for a GPU lease), whole_job.py (needs TensorFlow),
+polar_predict.py, and the one-off studies in benchmarks/experiments/.
 """
 
 import subprocess
@@ -17,11 +21,8 @@ def main() -> int:
     extra = sys.argv[1:]
     failed = []
     for name in SCRIPTS:
-        path = HERE / name
-        if not path.exists():
-            continue
         print(f"\n=== {name} {' '.join(extra)} ===", flush=True)
-        rc = subprocess.call([sys.executable, str(path), *extra])
+        rc = subprocess.call([sys.executable, str(HERE / name), *extra])
         if rc != 0:
             failed.append(name)
     if failed:

@@ -16,41 +16,43 @@ Contenders:
   Trained on `--keras-regions` regions (the paper trains regions one after another and
   independently, so the 42-region time is 42 × the mean per-region time).
 * **deepalign per-region** with the same recipe on the same regions (speed at equal work).
-* **deepalign shared trunk** (`model: shared_trunk`): one net, 42 heads, trained on all regions at
-  once; after every epoch the balanced validation accuracy of each head on the same split. Its
-  whole-job time is the training time (incl. validation) until the mean accuracy of the heads of
-  the Keras regions first reaches the Keras recipe's mean best accuracy on those regions.
 * **deepalign polar trunk** (`model: polar_trunk`, `core/polar.py`): one rotation-invariant net
-  on polar-resampled images, 42 heads, trained on all regions at once; timed as the shared trunk.
-  Also reported: the first epoch at which every Keras region's head reaches that region's own
-  Keras best, and the top-2 accuracy (true region among the two most probable) on the validation
-  split — what `predict --top-k 2` hands to `align`.
+  on polar-resampled images, 42 heads, trained on all regions at once; after every epoch the
+  balanced validation accuracy of each head on the same split. Its whole-job time is the training
+  time (incl. validation) until the mean accuracy of the heads of the Keras regions first reaches
+  the Keras recipe's mean best accuracy on those regions. Also reported: the first epoch at which
+  every Keras region's head reaches that region's own Keras best, and the top-2 accuracy (true
+  region among the two most probable) on the validation split — what `predict --top-k 2` hands
+  to `align`. (The shared-trunk contender of earlier runs was removed with its model.)
 
-Writes a markdown summary to stdout and benchmarks/results/whole_job.json.
+Writes a markdown summary to stdout and benchmarks/results/whole_job.json (`_harness.write_result`).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import math
-import os
-import platform
-import sys
-import time
-from pathlib import Path
+from deepalign_cli.runtime import configure_process
 
-import jax
-import jax.numpy as jnp
-import mrcfile
-import numpy as np
+configure_process()  # before JAX starts
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import mrcfile  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras_reference  # noqa: E402
+from _harness import write_result  # noqa: E402
 
 from deepalign_cli.config import TrainConfig  # noqa: E402
-from deepalign_cli.core import augment, cnn, geometry, preprocess, regions, simulate, symmetry, training  # noqa: E402
+from deepalign_cli.core import augment, cnn, geometry, inference, preprocess, regions, simulate, symmetry, training  # noqa: E402
+from deepalign_cli.core.split import split_train_val  # noqa: E402
 
 MAP = Path(os.environ.get("DEEPALIGN_DATA", "/work/shared/data")) / "ribosome70S_65.mrc"
 PIXEL_ANG = 5.0
@@ -103,12 +105,14 @@ def _batch(key, train_images, pos, n_pos, neg, n_neg, cfg, box):
 
 
 def deepalign_run(images, labels, region_ids, cfg, seed):
-    """train_regions with a progress hook: {region: [(epoch, val_acc, seconds), …]}."""
+    """train_regions with a progress hook: {region: [(epoch, val_acc, seconds), …]} (a one-net
+    model's epochs are logged under each of its regions, with the mean validation accuracy)."""
     log: dict[int, list] = {}
 
     def progress(ev):
         if ev.get("event") == "epoch":
-            log.setdefault(ev["region"], []).append((ev["epoch"], ev["val_acc"], ev["seconds"]))
+            for r in ev["regions"]:
+                log.setdefault(r, []).append((ev["epoch"], ev["val_acc"], ev["seconds"]))
 
     t = time.perf_counter()
     out = training.train_regions(images, labels, region_ids, cfg, jax.random.key(seed), progress=progress)
@@ -121,24 +125,22 @@ def main():
     ap.add_argument("--snr", type=float, default=0.5)
     ap.add_argument("--particles", type=int, default=8400, help="labelled particles (paper's ribosome: ~8,500)")
     ap.add_argument("--keras-regions", type=int, default=3)
-    ap.add_argument("--shared-epochs", type=int, default=16)
-    ap.add_argument("--shared-images", type=int, default=2000, help="shared and polar trunks: images per region per epoch")
+    ap.add_argument("--trunk-images", type=int, default=2000, help="polar trunk: images per region per epoch")
     ap.add_argument("--polar-epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "whole_job.json")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/whole_job.json)")
     a = ap.parse_args()
     if not keras_reference.available():
         sys.exit("whole_job.py needs TensorFlow: pip install -e '.[bench]'")
     images, labels, n_regions = make_data(a.particles, a.box, a.snr, a.seed)
     recipe = TrainConfig(epochs=10, images_per_region=10000, early_stopping_patience=0, seed=a.seed)
     key = jax.random.key(a.seed)
-    train_idx, val_idx = training.split_train_val(key, labels, recipe.validation_fraction)
+    train_idx, val_idx = split_train_val(key, labels, recipe.validation_fraction)
     counts = np.bincount(labels, minlength=n_regions)
     rng = np.random.default_rng(a.seed)
     typical = np.flatnonzero(np.abs(counts - np.median(counts)) <= 0.25 * np.median(counts))
     chosen = sorted(int(r) for r in rng.choice(typical, a.keras_regions, replace=False))
-    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "backend": jax.default_backend(), "box_px": a.box, "snr": a.snr, "particles": a.particles,
+    res = {"box_px": a.box, "snr": a.snr, "particles": a.particles,
            "n_regions": n_regions, "keras_regions": chosen, "region_counts": counts.tolist()}
 
     # 1. the paper's recipe in Keras, region after region
@@ -167,35 +169,33 @@ def main():
     res["deepalign_per_region_to_keras_acc"] = {"epoch_and_seconds": to_target, "job_seconds_42": job_to_target,
                                                 "speedup_vs_keras": None if job_to_target is None else res["keras"]["job_seconds_42"] / job_to_target}
 
-    # 3./4. deepalign shared and polar trunks on all regions, until the heads of the chosen regions reach the target
+    # 3. deepalign polar trunk on all regions, until the heads of the chosen regions reach the target
     res["target_val_acc"] = target
     val_x, val_y = images[val_idx], labels[val_idx]
-    for name, model, epochs in (("shared", "shared_trunk", a.shared_epochs), ("polar", "polar_trunk", a.polar_epochs)):
-        one_net_cfg = recipe.model_copy(update={"model": model, "epochs": epochs, "images_per_region": a.shared_images})
-        out, log, total = deepalign_run(images, labels, range(n_regions), one_net_cfg, a.seed)
-        epoch_s = [e[2] for e in log[training.SHARED_REGION]]
-        head_acc = {r: [h["val_acc"] for h in out[r]["history"]] for r in range(n_regions)}
-        chosen_mean = [float(np.mean([head_acc[r][e] for r in chosen])) for e in range(len(epoch_s))]
-        all_mean = [float(np.mean([head_acc[r][e] for r in range(n_regions) if head_acc[r][e] is not None])) for e in range(len(epoch_s))]
-        reach = next((e for e, v in enumerate(chosen_mean) if v >= target), None)
-        each = next((e for e in range(len(epoch_s)) if all(head_acc[r][e] >= k for r, k in zip(chosen, res["keras"]["best_val_acc"]))), None)
-        job_s = None if reach is None else float(np.sum(epoch_s[: reach + 1]))
-        probs = training.predict_probs(out, val_x, 512)  # the best epoch's net (by validation loss)
-        top2 = float(np.mean(np.any(np.argsort(-probs, axis=1)[:, :2] == val_y[:, None], axis=1)))
-        res[f"deepalign_{name}"] = {
-            "epoch_seconds": epoch_s, "chosen_mean_val_acc": chosen_mean, "all_mean_val_acc": all_mean,
-            "chosen_val_acc": [head_acc[r] for r in chosen], "epoch_reaching_target": reach, "job_seconds_42": job_s,
-            "epoch_each_region_reaching_its_keras_best": each,
-            "job_seconds_42_each_region": None if each is None else float(np.sum(epoch_s[: each + 1])),
-            "best_epoch": out[chosen[0]]["best_epoch"], "val_top2_accuracy_best_epoch": top2,
-            "images_per_region_per_epoch": a.shared_images}
-        res[f"speedup_{name}_vs_keras"] = None if job_s is None else res["keras"]["job_seconds_42"] / job_s
-        print(f"deepalign {name}: chosen mean val acc per epoch {[round(v, 3) for v in chosen_mean]}, "
-              f"epoch s {[round(v, 1) for v in epoch_s]}, top-2 {top2:.3f}", flush=True)
+    one_net_cfg = recipe.model_copy(update={"model": "polar_trunk", "epochs": a.polar_epochs, "images_per_region": a.trunk_images})
+    out, log, total = deepalign_run(images, labels, range(n_regions), one_net_cfg, a.seed)
+    epoch_s = [e[2] for e in log[chosen[0]]]  # the trunk's epochs, logged under every region
+    head_acc = {r: [h["val_acc"] for h in out[r]["history"]] for r in range(n_regions)}
+    chosen_mean = [float(np.mean([head_acc[r][e] for r in chosen])) for e in range(len(epoch_s))]
+    all_mean = [float(np.mean([head_acc[r][e] for r in range(n_regions) if head_acc[r][e] is not None])) for e in range(len(epoch_s))]
+    reach = next((e for e, v in enumerate(chosen_mean) if v >= target), None)
+    each = next((e for e in range(len(epoch_s)) if all(head_acc[r][e] >= k for r, k in zip(chosen, res["keras"]["best_val_acc"]))), None)
+    job_s = None if reach is None else float(np.sum(epoch_s[: reach + 1]))
+    probs = inference.predict_probs(out, val_x, 512)  # the best epoch's net (by validation loss)
+    top2 = float(np.mean(np.any(np.argsort(-probs, axis=1)[:, :2] == val_y[:, None], axis=1)))
+    res["deepalign_polar"] = {
+        "epoch_seconds": epoch_s, "chosen_mean_val_acc": chosen_mean, "all_mean_val_acc": all_mean,
+        "chosen_val_acc": [head_acc[r] for r in chosen], "epoch_reaching_target": reach, "job_seconds_42": job_s,
+        "epoch_each_region_reaching_its_keras_best": each,
+        "job_seconds_42_each_region": None if each is None else float(np.sum(epoch_s[: each + 1])),
+        "best_epoch": out[chosen[0]]["best_epoch"], "val_top2_accuracy_best_epoch": top2,
+        "images_per_region_per_epoch": a.trunk_images}
+    res["speedup_polar_vs_keras"] = None if job_s is None else res["keras"]["job_seconds_42"] / job_s
+    print(f"deepalign polar trunk: chosen mean val acc per epoch {[round(v, 3) for v in chosen_mean]}, "
+          f"epoch s {[round(v, 1) for v in epoch_s]}, top-2 {top2:.3f}", flush=True)
     res["speedup_per_region_vs_keras"] = res["keras"]["job_seconds_42"] / res["deepalign_per_region"]["job_seconds_42"]
 
-    print(f"\nwhole job, 42 regions, {a.box} px, SNR {a.snr}, {a.particles} labelled particles "
-          f"({res['machine']}, {res['cpus']} CPUs, {res['date']})\n")
+    print(f"\nwhole job, 42 regions, {a.box} px, SNR {a.snr}, {a.particles} labelled particles ({os.cpu_count()} CPUs)\n")
     print("| contender | mean best val acc (regions " + ", ".join(map(str, chosen)) + ") | time for 42 regions | vs Keras |")
     print("|---|---|---|---|")
     print(f"| Keras recipe (10 × 10,000 per region) | {target:.3f} | {res['keras']['job_seconds_42'] / 60:.1f} min (42 × {keras_region_s:.0f} s) | 1× |")
@@ -208,23 +208,18 @@ def main():
     ratio = "—" if t["speedup_vs_keras"] is None else f"**{t['speedup_vs_keras']:.2f}×**"
     print(f"| deepalign per-region, stopped at each region's Keras accuracy (epoch {epochs}) | "
           f"≥ Keras per region{'' if reached_all else ' (not all)'} | {job} | {ratio} |")
-    for name, label in (("shared", "shared trunk"), ("polar", "polar trunk")):
-        s = res[f"deepalign_{name}"]
-        reach, cm, job_s = s["epoch_reaching_target"], s["chosen_mean_val_acc"], s["job_seconds_42"]
-        reached = "not reached" if reach is None else f"{cm[reach]:.3f} at epoch {reach + 1}"
-        speed = res[f"speedup_{name}_vs_keras"]
-        print(f"| deepalign {label}, to the Keras accuracy | {reached} (best {max(cm):.3f}; all heads {max(s['all_mean_val_acc']):.3f}) | "
-              f"{'—' if job_s is None else f'{job_s / 60:.1f} min'} | {'—' if speed is None else f'**{speed:.1f}×**'} |")
-        each = s["epoch_each_region_reaching_its_keras_best"]
-        if each is not None:
-            print(f"| deepalign {label}, every Keras region's head at its own Keras best | epoch {each + 1} | "
-                  f"{s['job_seconds_42_each_region'] / 60:.1f} min | **{res['keras']['job_seconds_42'] / s['job_seconds_42_each_region']:.1f}×** |")
-    print(f"\ntop-2 accuracy on the validation split (best epoch): shared {res['deepalign_shared']['val_top2_accuracy_best_epoch']:.3f}, "
-          f"polar {res['deepalign_polar']['val_top2_accuracy_best_epoch']:.3f}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=float))
-    os.replace(tmp, a.out)
+    s = res["deepalign_polar"]
+    reach, cm, job_s = s["epoch_reaching_target"], s["chosen_mean_val_acc"], s["job_seconds_42"]
+    reached = "not reached" if reach is None else f"{cm[reach]:.3f} at epoch {reach + 1}"
+    speed = res["speedup_polar_vs_keras"]
+    print(f"| deepalign polar trunk, to the Keras accuracy | {reached} (best {max(cm):.3f}; all heads {max(s['all_mean_val_acc']):.3f}) | "
+          f"{'—' if job_s is None else f'{job_s / 60:.1f} min'} | {'—' if speed is None else f'**{speed:.1f}×**'} |")
+    each = s["epoch_each_region_reaching_its_keras_best"]
+    if each is not None:
+        print(f"| deepalign polar trunk, every Keras region's head at its own Keras best | epoch {each + 1} | "
+              f"{s['job_seconds_42_each_region'] / 60:.1f} min | **{res['keras']['job_seconds_42'] / s['job_seconds_42_each_region']:.1f}×** |")
+    print(f"\ntop-2 accuracy on the validation split (best epoch): polar {res['deepalign_polar']['val_top2_accuracy_best_epoch']:.3f}")
+    print(f"→ {write_result('whole_job', res, a.out)}")
 
 
 if __name__ == "__main__":

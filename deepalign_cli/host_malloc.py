@@ -6,7 +6,7 @@ and frees them when the call returns. glibc serves blocks above its mmap thresho
 most 32 MiB) with a fresh ``mmap`` and returns them with ``munmap``; a worker thread's arena
 cannot hold a block above 64 MiB at all. Either way every call touches new pages and pays one
 page fault per 4 KiB. Measured 2026-11-26 on the 2-core CI-class machine (one region's training
-step, batch 128; `benchmarks/malloc_ab.py`, on/off in alternating processes):
+step, batch 128; `benchmarks/experiments/malloc_ab.py`, on/off in alternating processes):
 
 - 64 px: ~33,000 page faults per step → ~0; training 1.05–1.20×, prediction 1.43–1.52×;
 - 120 px: training 1.09–1.19×, prediction 0.96×;

@@ -1,32 +1,36 @@
 """What deepalign's glibc malloc setting (`deepalign_cli/host_malloc.py`) buys: the same JAX
-training step and prediction with the setting on and off, in alternating fresh processes.
+training epoch and prediction with the setting on and off, in alternating fresh processes.
+A one-off study (2026-11-26; RESULTS.md, "glibc malloc").
 
-    .venv/bin/python benchmarks/malloc_ab.py [--sizes 32 64 120] [--pairs 2]
+    .venv/bin/python benchmarks/experiments/malloc_ab.py [--sizes 32 64 120] [--pairs 2]
 
-Each measurement is a fresh interpreter (glibc reads the setting once per process) running
-`train_predict.jax_train_rate` (one region's jitted epoch: image-steps/s) and
-`train_predict.jax_predict_rate` (42 nets, the CPU path: particle·region/s), and counting the
+Each measurement is a fresh interpreter (glibc reads the setting once per process) that applies
+`runtime.configure_process` (the thresholds unless ``DEEPALIGN_MALLOC_TUNING=0``) and runs
+`train_predict.jax_train_rate` (one region's epoch through `train_regions`: image-steps/s) and
+`train_predict.jax_predict_rate` (42 nets, the CPU loop: particle·region/s), counting the
 process's minor page faults during the timed training call. On/off alternate, `--pairs` times
 per box, so the ratio is measured side by side. Results: stdout (markdown) and
-benchmarks/results/malloc_ab.json.
+benchmarks/results/malloc_ab.json (`_harness.write_result`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BENCHMARKS))
+from _harness import write_result  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys
-sys.path.insert(0, {here!r})
+from deepalign_cli.runtime import configure_process
+configure_process()  # before JAX starts; DEEPALIGN_MALLOC_TUNING=0 leaves malloc alone
+sys.path.insert(0, {benchmarks!r})
 import train_predict as tp
 from deepalign_cli import host_malloc
 from deepalign_cli.config import TrainConfig
@@ -45,7 +49,7 @@ print(json.dumps({{"applied": host_malloc.configure(), "one_arena": host_malloc.
 
 def measure(box: int, tuning: str) -> dict:
     env = {**os.environ, "DEEPALIGN_MALLOC_TUNING": tuning}
-    out = subprocess.run([sys.executable, "-c", CHILD.format(here=str(HERE), box=box)], env=env,
+    out = subprocess.run([sys.executable, "-c", CHILD.format(benchmarks=str(BENCHMARKS), box=box)], env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -54,10 +58,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 120])
     ap.add_argument("--pairs", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "malloc_ab.json")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/malloc_ab.json)")
     a = ap.parse_args()
-    res = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "date": datetime.datetime.now().isoformat(timespec="seconds"), "boxes": {}}
+    res = {"sizes": a.sizes, "boxes": {}}
     rows = []
     for box in a.sizes:
         pairs = []
@@ -73,10 +76,7 @@ def main() -> None:
     print("| box px | train img-steps/s off → on, per pair | predict particle·region/s off → on | page faults in the timed training call |")
     print("|---|---|---|---|")
     print("\n".join(rows))
-    a.out.parent.mkdir(exist_ok=True)
-    tmp = a.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(a.out)
+    print(f"→ {write_result('malloc_ab', res, a.out)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Memory-traffic roofline of the region nets: bytes and FLOP per image from XLA's cost analysis.
+A one-off estimate (2026-11-26; RESULTS.md, "On one GPU").
 
-    python benchmarks/roofline.py [--box 120] [--rate-predict 94770] [--rate-train 31320]
+    python benchmarks/experiments/roofline.py [--box 120] [--rate-predict 94770] [--rate-train 31320]
 
 Compiles the accelerator formulation (`cnn.conv_impls_for(..., backend="gpu")`: FFT for every
 kernel of 12 px and up) for the CPU and reads XLA's "bytes accessed" and "flops" for one net's
@@ -8,25 +9,30 @@ forward pass (what `predict` runs per particle and region) and one region's trai
 image of the batch). With measured rates (particle·region/s, image-steps/s, e.g. from
 `benchmarks/gpu.py`) it prints the memory bandwidth those rates imply, to set beside the card's
 (H100 SXM: 3.35 TB/s). XLA:CPU's fusions are not XLA:GPU's, so the byte counts are an estimate of
-what the GPU programs move, not a measurement of them. Results: stdout (JSON).
+what the GPU programs move, not a measurement of them. Results: stdout (JSON) and
+benchmarks/results/roofline.json (`_harness.write_result`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from deepalign_cli.runtime import configure_process
 
-import jax
-import jax.numpy as jnp
+configure_process()  # before JAX starts
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from train_predict import forward_cost, train_step_cost, xla_cost  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _harness import write_result, xla_cost  # noqa: E402
+from train_predict import forward_cost, train_step_cost  # noqa: E402
 
 from deepalign_cli.config import TrainConfig  # noqa: E402
-from deepalign_cli.core import cnn, training  # noqa: E402
+from deepalign_cli.core import cnn, inference, training  # noqa: E402
 
 
 def _impls(box: int, cfg: TrainConfig, backend: str) -> tuple[str, ...]:
@@ -35,9 +41,8 @@ def _impls(box: int, cfg: TrainConfig, backend: str) -> tuple[str, ...]:
 
 def forward_vmapped_cost(box: int, cfg: TrainConfig, impls, n_nets: int = 42, batch: int = 64) -> dict:
     """Per image and net: `n_nets` stacked nets vmapped over one chunk (predict's accelerator path)."""
-    model = cnn.build_model(cnn.architecture(cfg, box, 1), cfg.conv_impl).clone(conv_impls=tuple(impls))
-    vs = [training.init_region_params(jax.random.key(i), cfg, box, 1)[0] for i in range(n_nets)]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[{"params": v["params"], "batch_stats": v["batch_stats"]} for v in vs])
+    model = cnn.build(cnn.architecture(cfg, box, 1), cfg.conv_impl).clone(conv_impls=tuple(impls))
+    stacked = inference.stack_region_variables(training.init_region_params(jax.random.key(0), cfg, box, n_nets))
     f = jax.vmap(lambda v, x: model.apply(v, x[..., None], train=False)[:, 0], in_axes=(0, None))
     c = xla_cost(f, stacked, jnp.zeros((batch, box, box), jnp.float32))
     return {k: val / (batch * n_nets) for k, val in c.items()}
@@ -50,6 +55,7 @@ def main() -> None:
     p.add_argument("--rate-predict", type=float, default=94770.0, help="measured particle·region/s")
     p.add_argument("--rate-train", type=float, default=31320.0, help="measured image-steps/s")
     p.add_argument("--n-nets", type=int, default=42)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/roofline.json)")
     a = p.parse_args()
     cfg = TrainConfig()
     impls = _impls(a.box, cfg, a.backend)
@@ -65,6 +71,7 @@ def main() -> None:
                                         "vmapped": vm["bytes"] * a.rate_predict / 1e12},
            "train_TB_per_s_at_rate": step["bytes"] * a.rate_train / 1e12}
     print(json.dumps(out, indent=1))
+    print(f"→ {write_result('roofline', out, a.out)}")
 
 
 if __name__ == "__main__":
