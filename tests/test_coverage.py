@@ -163,3 +163,23 @@ def test_calibrate_reports_the_chosen_point_on_its_curve():
     assert c["curve"]["p"][i] == c["p"] and c["curve"]["kept"][i] == c["held_out_kept_at_p"]
     empty = coverage.calibrate(np.zeros((0, R)), np.zeros(0, int), 0.9)
     assert empty["p"] == math.inf and empty["cumulative_p"] is None and empty["held_out_kept_at_p"] is None
+
+
+def test_cli_coverage_keeps_regions_skipped_in_training_and_counts_all_regions(sim_project_labelled, run_cli, tmp_path):
+    """Regions skipped in training (too few positives) have probability 0: the nets cannot rule
+    them out and the calibration covers only the trained regions, so --coverage keeps them for
+    every particle, and the summary counts kept regions against all 42 (not the trained ones)."""
+    p = sim_project_labelled
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("min_positives: 1", "min_positives: 2") % 0.3)
+    run_cli("train", p, "--config", cfg, check=True)
+    skipped = {int(r) for r, e in json.loads((p / "train" / "metrics.json").read_text())["regions"].items() if e["warning"]}
+    assert 11 <= len(skipped) < 42  # the defect report's case: 11 of 42 skipped
+    r = run_cli("predict", p, "--config", cfg, "--coverage", "0.5", check=True)
+    msg = " ".join(r.stderr.split())
+    kept = starfile.read(p / "predict" / "predictions.star")["particles"]["rlnDeepAlignRegions"]
+    sets = [{int(x) for x in str(v).split(",")} for v in kept]
+    assert all(skipped <= s for s in sets)
+    mean_k = np.mean([len(s) for s in sets])
+    assert f"{mean_k:.2f} regions kept per particle" in msg
+    assert f"keeps {mean_k:.1f} of 42 regions per particle (the {len(skipped)} regions skipped in training are always kept)" in msg

@@ -66,7 +66,6 @@ def command(
     force: bool = FORCE_OPT,
 ) -> None:
     """Probabilities of every particle for every region; keep its best regions (top-k, cumulative p or calibrated coverage)."""
-    from ..core import coverage as coverage_core
     from ..core import inference
 
     cfg, pc = stage_config(config, "predict", memory_budget_gb=memory_budget_gb)
@@ -84,7 +83,22 @@ def command(
     skipped = sorted(set(range(n_regions)) - set(trained))
     if skipped:
         console.print(f"[yellow]warning:[/yellow] region(s) {format_regions(skipped)} were skipped in training: probability 0")
+    table, src = load_particles(proj, cfg)
 
+    predictor = inference.prepare({r: models[r] for r in trained}, pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
+    calibration = calibrate(proj, cfg, predictor, pc) if pc.coverage is not None else None
+    with Timer() as t:
+        probs = predict_all(src, predictor, n_regions, min(src.chunk_size(pc.memory_budget_gb), 8192))
+    keep = kept_regions(probs, pc, calibration, trained, skipped)
+    mean_k = write_stage(proj, table, probs, keep, calibration, pc, t.seconds, len(trained))
+    rate = len(src) * len(trained) / max(t.seconds, 1e-9)
+    console.print(f"[green]predicted[/green] {len(src)} particles × {len(trained)} regions in {t.seconds:.1f} s ({rate:,.0f} particle·region/s); "
+                  f"{mean_k:.2f} regions kept per particle → {proj.root / 'predict'}/predictions.star")
+    say_how_narrow(pc, calibration, mean_k, n_regions, skipped)
+
+
+def load_particles(proj: Project, cfg):
+    """The project's particle table and its images prepared as for training (same box)."""
     particles_star = proj.particles_star
     table = star.read_particles(particles_star)
     src = ParticleSource(table, cfg.preprocess)
@@ -92,52 +106,68 @@ def command(
     train_box = proj.stage("train").get("box")
     if train_box is not None and train_box != src.box:
         raise DeepAlignError(f"{particles_star}: prepared images are {src.box} px but the nets were trained at {train_box} px; use the same preprocess config")
+    return table, src
 
-    n = len(src)
-    probs = np.zeros((n, n_regions), np.float32)
-    chunk = min(src.chunk_size(pc.memory_budget_gb), 8192)
-    predictor = inference.prepare({r: models[r] for r in trained}, pc.batch_size, memory_budget_gb=pc.memory_budget_gb)
-    calibration = calibrate(proj, cfg, predictor, n_regions, pc) if pc.coverage is not None else None
-    with progress() as bar, Timer() as t:
-        task = bar.add_task(f"predict {len(trained)} regions", total=n, rate="")
+
+def predict_all(src: ParticleSource, predictor, n_regions: int, chunk: int) -> np.ndarray:
+    """(n, n_regions) probabilities of every particle, streamed in chunks; untrained columns 0."""
+    from ..core import inference
+
+    probs = np.zeros((len(src), n_regions), np.float32)
+    columns = np.asarray(predictor.regions)[None, :]
+    with progress() as bar:
+        task = bar.add_task(f"predict {len(predictor.regions)} regions", total=len(src), rate="")
         t0 = time.perf_counter()
         for idx, images in src.iter_chunks(chunk):
-            probs[idx[:, None], np.asarray(trained)[None, :]] = inference.predict(predictor, images)
+            probs[idx[:, None], columns] = inference.predict(predictor, images)
             done = idx[-1] + 1
-            bar.update(task, completed=done, rate=f"{done * len(trained) / max(time.perf_counter() - t0, 1e-9):,.0f} particle·region/s")
+            bar.update(task, completed=done, rate=f"{done * columns.size / max(time.perf_counter() - t0, 1e-9):,.0f} particle·region/s")
+    return probs
+
+
+def kept_regions(probs: np.ndarray, pc, calibration: dict | None, trained: list[int], skipped: list[int]) -> list[np.ndarray]:
+    """Each particle's kept regions, most probable first, by the predict config's rule. Under
+    --coverage, regions skipped in training (probability 0) are always kept: the nets cannot rule
+    them out, and the calibration covers only the trained ones."""
+    from ..core import coverage
 
     if calibration is not None:
-        # regions skipped in training have probability 0: the nets cannot rule them out, and the
-        # calibration covers only the trained ones, so they are always kept
-        kept = coverage_core.top_k_regions(probs[:, trained], cumulative_p=calibration["p"])
-        keep = [np.concatenate([np.asarray(trained)[k], skipped]).astype(int) for k in kept]
-    elif pc.cumulative_p is not None:
-        keep = coverage_core.top_k_regions(probs, cumulative_p=pc.cumulative_p)
-    else:
-        keep = coverage_core.top_k_regions(probs, k=pc.top_k)
+        kept = coverage.top_k_regions(probs[:, trained], cumulative_p=calibration["p"])
+        return [np.concatenate([np.asarray(trained)[k], skipped]).astype(int) for k in kept]
+    if pc.cumulative_p is not None:
+        return coverage.top_k_regions(probs, cumulative_p=pc.cumulative_p)
+    return coverage.top_k_regions(probs, k=pc.top_k)
+
+
+def write_stage(proj: Project, table, probs: np.ndarray, keep: list, calibration: dict | None, pc, seconds: float, n_trained: int) -> float:
+    """predict/: probabilities.npy, predictions.star, top1_prob.png (+ calibration.json and
+    coverage.png), written together; marks the stage done. Returns the mean kept regions."""
+    n, n_regions = probs.shape
     out = table.copy()
     out.particles["rlnDeepAlignRegions"] = [",".join(str(int(r)) for r in k) for k in keep]
     out.particles["rlnDeepAlignRegion1"] = [int(k[0]) for k in keep]
     out.particles["rlnDeepAlignProb1"] = np.round(probs[np.arange(n), [int(k[0]) for k in keep]], 5)
+    mean_k = float(np.mean([len(k) for k in keep]))
     with staged_dir(proj.root / "predict") as tmp:
         buf = _io.BytesIO()
         np.save(buf, probs)
         (tmp / "probabilities.npy").write_bytes(buf.getvalue())
         star.write_particles(tmp / "predictions.star", out)
-        plots.histogram(tmp / "top1_prob.png", probs.max(axis=1), "probability of the top region",
-                        f"{n} particles, {len(trained)} region nets")
-        mean_k = float(np.mean([len(k) for k in keep]))
+        plots.histogram(tmp / "top1_prob.png", probs.max(axis=1), "probability of the top region", f"{n} particles, {n_trained} region nets")
         if calibration is not None:
             calibration["mean_regions_kept"] = round(mean_k, 3)
             write_calibration(tmp, calibration, n_regions)
     pdir = proj.root / "predict"
-    rate = n * len(trained) / max(t.seconds, 1e-9)
     extra_out = [pdir / "calibration.json", pdir / "coverage.png"] if calibration is not None else []
     proj.mark_done("predict", outputs=[pdir / "probabilities.npy", pdir / "predictions.star", pdir / "top1_prob.png", *extra_out],
-                   seconds=t.seconds, config=pc, particle_regions_per_s=round(rate, 1),
+                   seconds=seconds, config=pc, particle_regions_per_s=round(n * n_trained / max(seconds, 1e-9), 1),
                    **({"calibrated_cumulative_p": calibration["cumulative_p"]} if calibration is not None else {}))
-    console.print(f"[green]predicted[/green] {n} particles × {len(trained)} regions in {t.seconds:.1f} s ({rate:,.0f} particle·region/s); "
-                  f"{mean_k:.2f} regions kept per particle → {pdir}/predictions.star")
+    return mean_k
+
+
+def say_how_narrow(pc, calibration: dict | None, mean_k: float, n_regions: int, skipped: list[int]) -> None:
+    """The calibration's outcome, and a warning where the rule barely narrows align's search."""
+    always = f" (the {len(skipped)} regions skipped in training are always kept)" if skipped and calibration is not None else ""
     if calibration is not None:
         c = calibration
         p_txt = "every region" if c["cumulative_p"] is None else f"cumulative p {c['cumulative_p']:.4f}"
@@ -147,13 +177,12 @@ def command(
                           f"(it needs ≥ {c['min_held_out']}): every region is kept, so align searches the whole asymmetric unit. "
                           "More labelled particles, a larger validation_fraction or a lower --coverage narrow it.", highlight=False)
         elif mean_k > FLAT_FRACTION * n_regions:
-            always = f" ({len(skipped)} skipped in training are always kept)" if skipped else ""
             console.print(f"[yellow]note:[/yellow] --coverage {pc.coverage:g} keeps {mean_k:.1f} of {n_regions} regions per particle{always}: "
                           "the nets are not sure enough to narrow the search much (particles whose regions cost as much as the "
                           "asymmetric unit are searched over all of it).", highlight=False)
-    if pc.cumulative_p is not None and mean_k > FLAT_FRACTION * len(trained):
+    if pc.cumulative_p is not None and mean_k > FLAT_FRACTION * n_regions:
         console.print(f"[yellow]warning:[/yellow] flat probabilities: --cumulative-p {pc.cumulative_p} keeps {mean_k:.1f} of "
-                      f"{len(trained)} regions per particle, so align's search is barely narrowed (particles whose regions "
+                      f"{n_regions} regions per particle, so align's search is barely narrowed (particles whose regions "
                       "cost as much as the asymmetric unit are searched over all of it). More labelled particles or "
                       "training sharpen the nets; `align --exhaustive` skips them.", highlight=False)
 
@@ -168,7 +197,7 @@ def rule_from_flags(pc, top_k: int | None, cumulative_p: float | None, coverage:
     return override(pc.model_copy(update={"cumulative_p": None, "coverage": None}), **given)
 
 
-def calibrate(proj: Project, cfg, predictor, n_regions: int, pc) -> dict:
+def calibrate(proj: Project, cfg, predictor, pc) -> dict:
     """Cumulative p for `pc.coverage` from the labelled particles the training run held out for
     validation (the same split: training's seed, validation fraction and labels)."""
     from ..core import coverage, inference
