@@ -16,6 +16,8 @@ from deepalign_cli.io import checkpoints as ckpt
 from deepalign_cli.io import star
 from test_interrupt_resume import N_REGIONS, TINY, write_predictions
 
+pytestmark = pytest.mark.slow  # concurrent CLI shards: `make test-slow`
+
 SHARDS = ("0-5", "6-11")
 TIMEOUT_S = 300
 

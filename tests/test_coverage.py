@@ -112,6 +112,7 @@ TINY = ("train: {model: polar_trunk, epochs: 1, images_per_region: 64, batch_siz
         " conv_filters: [4, 8, 8], dense_units: 16, validation_fraction: %s}\n")
 
 
+@pytest.mark.slow
 def test_cli_without_enough_held_out_particles_keeps_every_region_and_says_so(sim_project_labelled, run_cli, tmp_path):
     """30 labelled particles over 42 regions (0–3 each): a 20 % split per region holds out ~1,
     so no coverage can be certified and predict keeps every region (align then searches the
@@ -165,6 +166,7 @@ def test_calibrate_reports_the_chosen_point_on_its_curve():
     assert empty["p"] == math.inf and empty["cumulative_p"] is None and empty["held_out_kept_at_p"] is None
 
 
+@pytest.mark.slow
 def test_cli_coverage_keeps_regions_skipped_in_training_and_counts_all_regions(sim_project_labelled, run_cli, tmp_path):
     """Regions skipped in training (too few positives) have probability 0: the nets cannot rule
     them out and the calibration covers only the trained regions, so --coverage keeps them for

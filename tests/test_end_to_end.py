@@ -20,6 +20,8 @@ import pytest
 
 from conftest import run_deepalign
 
+pytestmark = pytest.mark.slow  # the whole CLI pipeline: `make test-slow` (CI runs it after `make test`)
+
 CONFIG = """
 simulate: {n_particles: 1500, box_px: 32, snr: 1.0, pre_aligned_fraction: 0.4, seed: 0}
 regions: {spacing_deg: 60, symmetry: C1}

@@ -27,6 +27,8 @@ from conftest import WIDE_TERMINAL, relocate_project, run_deepalign
 from deepalign_cli.io import checkpoints as ckpt
 from deepalign_cli.io import star
 
+pytestmark = pytest.mark.slow  # real CLI runs killed and resumed: `make test-slow`
+
 TINY = """
 regions: {spacing_deg: 60, symmetry: C1}
 preprocess: {target_resolution_ang: 60}

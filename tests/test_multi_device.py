@@ -20,6 +20,8 @@ import pytest
 
 from deepalign_cli.core import geometry
 
+pytestmark = pytest.mark.slow  # a 4-device subprocess run: `make test-slow`
+
 N_DEVICES = 4
 TIMEOUT_S = 300
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")

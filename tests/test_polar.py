@@ -149,6 +149,7 @@ def test_polar_training_is_reproducible_by_seed():
     assert not all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(c)))
 
 
+@pytest.mark.slow
 def test_cli_trains_and_predicts_with_the_polar_trunk(sim_project_labelled, run_cli, tmp_path):
     p = sim_project_labelled
     cfg = tmp_path / "polar.yaml"

@@ -47,6 +47,7 @@ def tiny_project(tmp_path_factory):
     return root, p, cfg
 
 
+@pytest.mark.slow
 def test_scripts_cover_all_regions_and_sharded_training_equals_one_run(tiny_project, tmp_path):
     root, p, cfg = tiny_project
     run("slurm", p, "--stage", "train", "--shards", 3, "--partition", "gpu", "--gres", "gpu:1", "--config", cfg)
@@ -82,6 +83,7 @@ def test_scripts_cover_all_regions_and_sharded_training_equals_one_run(tiny_proj
     assert (p / "train" / "metrics.json").exists() and (p / "train" / "curves.png").exists()
 
 
+@pytest.mark.slow
 def test_merge_refuses_missing_regions(tiny_project, tmp_path):
     import shutil
 

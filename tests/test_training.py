@@ -274,7 +274,7 @@ def test_pre_batched_epoch_equals_making_each_batch_alone():
     parameters by up to 1e-2 within 5 steps (measured 9.4e-3 between this and the fused step,
     whose batch making XLA fuses with the network)."""
     box, n_steps, batch = 16, 5, 8
-    cfg = TrainConfig(batch_size=batch)
+    cfg = TrainConfig(batch_size=batch, conv_filters=(4, 8, 8), dense_units=16)
     model = models.build(cnn.architecture(cfg, box, 1), "auto")
     v = training.init_region_params(jax.random.key(0), cfg, box, 1)[0]
     opt = optax.adam(1e-3).init(v["params"])
