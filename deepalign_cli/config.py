@@ -30,6 +30,8 @@ class SimulateConfig(_Stage):
     box_px: int | None = Field(None, gt=7, description="output box (px); default: the map's box")
     pixel_size_ang: float | None = Field(None, gt=0, description="map voxel size override (Å); the shipped map is 5 Å")
     snr: float = Field(0.1, gt=0, description="signal variance / noise variance after CTF")
+    noise_micrograph: str | None = Field(None, description="MRC micrograph whose crops (random position, k·90° turn, flip) are the "
+                                         "noise, resampled to the particles' pixel size; default: white Gaussian noise")
     defocus_min_ang: float = Field(10000.0, gt=0, description="defocus range lower bound (Å)")
     defocus_max_ang: float = Field(25000.0, gt=0, description="defocus range upper bound (Å)")
     astigmatism_ang: float = Field(300.0, ge=0, description="max |defocusU - defocusV| (Å)")

@@ -5,11 +5,17 @@ Examples:
     deepalign simulate demo                               # shipped 70S ribosome map, 2000 particles
     deepalign simulate sim --map emd_1234.mrc --angpix 1.1 --n-particles 20000 --snr 0.05
     deepalign simulate sim --config configs/demo.yaml --box 48 --force
+    deepalign simulate real --map emd_11007.mrc --snr 0.03 --noise-micrograph micrograph.mrc   # real ice noise
 
 Writes PROJECT/simulated/: particles.mrcs, particles.star (all particles, CTF, no poses: the set to
 align), truth.star (the same with the true poses), subset.star (the --pre-aligned-fraction with true
 poses: what RELION/cryoSPARC/Xmipp would give for ~10 %), map.mrc (the map at the particles' box),
 and creates the project with particles.star as its input.
+
+Noise: white Gaussian by default; with --noise-micrograph, crops of a real micrograph (resampled to
+the particles' pixel size from its header's; each crop at a random position, turned by k·90°,
+mirrored at random, normalised, then scaled to --snr like the white noise): real ice, the
+micrograph's own CTF and neighbouring particles, as close to real data as simulation gets here.
 """
 
 from __future__ import annotations
@@ -45,6 +51,21 @@ def load_map(path: Path | None, angpix: float | None) -> tuple[np.ndarray, float
     return vol, float(pixel)
 
 
+def load_noise_micrograph(path: Path, pixel_out_ang: float, box: int) -> np.ndarray:
+    """The micrograph at the particles' pixel size (its header's pixel size; a one-line error when
+    it has none or is smaller than the box once resampled)."""
+    from ..core import simulate
+
+    image, pixel = mrc.read_image(path)
+    if not pixel:
+        raise DeepAlignError(f"{path}: the header has no pixel size; the noise micrograph must be resampled to the particles' pixel")
+    mic = simulate.resample_micrograph(image, pixel, pixel_out_ang)
+    if min(mic.shape) < box:
+        raise DeepAlignError(f"{path}: {image.shape[1]}×{image.shape[0]} px at {pixel:.3f} Å/px is {mic.shape[1]}×{mic.shape[0]} px at the "
+                             f"particles' {pixel_out_ang:.3f} Å/px, smaller than the {box}-px box")
+    return mic
+
+
 def command(
     project: Path = PROJECT_ARG,
     map_path: Path = typer.Option(None, "--map", help="3D map (MRC); default: the shipped 70S ribosome", show_default=False),
@@ -52,6 +73,8 @@ def command(
     n_particles: int = typer.Option(None, "--n-particles", "-n", show_default=False),
     box: int = typer.Option(None, "--box", help="particle box in px (Fourier crop of the map; even)", show_default=False),
     snr: float = typer.Option(None, "--snr", show_default=False),
+    noise_micrograph: Path = typer.Option(None, "--noise-micrograph", help="MRC micrograph whose crops are the noise (real ice "
+                                          "and CTF; default white Gaussian)", show_default=False),
     pre_aligned_fraction: float = typer.Option(None, "--pre-aligned-fraction", show_default=False),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="no CTF (phase-flipped-like clean contrast)"),
     seed: int = typer.Option(None, "--seed", show_default=False),
@@ -64,7 +87,8 @@ def command(
     from ..core import preprocess, simulate
 
     flags = dict(n_particles=n_particles, box_px=box, snr=snr, pre_aligned_fraction=pre_aligned_fraction, seed=seed,
-                 pixel_size_ang=angpix, ctf=False if no_ctf else None)
+                 pixel_size_ang=angpix, ctf=False if no_ctf else None,
+                 noise_micrograph=None if noise_micrograph is None else str(Path(noise_micrograph).resolve()))
     cfg, sim = stage_config(config, "simulate", **flags)
     vol, pixel = load_map(map_path, sim.pixel_size_ang)
     n_map = vol.shape[0]
@@ -74,6 +98,7 @@ def command(
     if out_box % 2:
         raise DeepAlignError(f"--box {out_box}: RELION needs an even box")
     pixel_out = pixel * n_map / out_box
+    mic = load_noise_micrograph(Path(sim.noise_micrograph), pixel_out, out_box) if sim.noise_micrograph else None
     if Project(project).yaml_path.exists():
         proj = Project.open(project)
         check_can_run(proj, "simulate", force)
@@ -95,7 +120,7 @@ def command(
                         jax.random.fold_in(key, start), vol_box, m, pixel_out, snr=sim.snr,
                         defocus_range_ang=(sim.defocus_min_ang, sim.defocus_max_ang), astigmatism_ang=sim.astigmatism_ang,
                         voltage_kv=sim.voltage_kv, cs_mm=sim.cs_mm, amplitude_contrast=sim.amplitude_contrast,
-                        bfactor_ang2=sim.bfactor_ang2, max_shift_px=sim.max_shift_px, ctf=sim.ctf,
+                        bfactor_ang2=sim.bfactor_ang2, max_shift_px=sim.max_shift_px, ctf=sim.ctf, noise_micrograph=mic,
                     )
                     writer.write(start, r["images"])
                     eulers.append(r["eulers_deg"]); origins.append(r["origins_px"])
@@ -120,5 +145,6 @@ def command(
         proj.record_config("regions", cfg.regions)
     proj.mark_done("simulate", outputs=[sim_dir / f for f in ("particles.mrcs", "particles.star", "truth.star", "subset.star", "map.mrc")],
                    seconds=t.seconds, config=sim)
-    console.print(f"[green]simulated[/green] {n} particles, {out_box} px at {pixel_out:.3f} Å/px, SNR {sim.snr}, "
+    noise = f"noise from {Path(sim.noise_micrograph).name}" if sim.noise_micrograph else "white noise"
+    console.print(f"[green]simulated[/green] {n} particles, {out_box} px at {pixel_out:.3f} Å/px, SNR {sim.snr} ({noise}), "
                   f"{'CTF' if sim.ctf else 'no CTF'} → {sim_dir}/ (subset of {n_sub} pre-aligned) in {t.seconds:.1f} s")

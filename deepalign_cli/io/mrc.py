@@ -120,6 +120,22 @@ def read_map(path: Path | str) -> tuple[np.ndarray, float | None]:
     return vol, _voxel_size(header)
 
 
+def read_image(path: Path | str) -> tuple[np.ndarray, float | None]:
+    """Read one 2D image (a micrograph): an MRC file with a single section.
+
+    Returns (image (ny, nx) float32 indexed [y, x], pixel size in Å or None when the header says 0)."""
+    path = Path(path)
+    header, dtype, shape, offset = _data_layout(path)
+    if shape[0] != 1:
+        raise DeepAlignError(f"{path}: {shape[0]} sections ({shape[2]}×{shape[1]}×{shape[0]}), expected one 2D micrograph")
+    data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    image = np.array(data[0], dtype=np.float32)
+    del data
+    if not np.all(np.isfinite(image)):
+        raise DeepAlignError(f"{path}: image contains NaN or infinite values")
+    return image, _voxel_size(header)
+
+
 def write_map(path: Path | str, vol: np.ndarray, voxel_size_ang: float | None) -> None:
     """Write a 3D map (N, N, N) [z, y, x] as float32 MRC2014, atomically; voxel size in Å (None → 0)."""
     vol = np.ascontiguousarray(vol, dtype=np.float32)
