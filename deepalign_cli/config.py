@@ -122,8 +122,6 @@ class AlignConfig(_Stage):
     lowpass_resolution_ang: float | None = Field(None, gt=0, description="reference low-pass; default target resolution")
     memory_budget_gb: float = Field(4.0, gt=0)
     ctf: bool = True
-    score: Literal["ncc", "whitened"] = Field("ncc", description="ncc: plain normalised cross-correlation; whitened: the NCC "
-                                              "with every frequency weighted by 1/σ² of the particles' background noise")
 
 
 class ReconstructConfig(_Stage):

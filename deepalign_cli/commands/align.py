@@ -223,21 +223,19 @@ def command(
     top_k: int = typer.Option(None, "--top-k", min=1, help="use only the first k predicted regions of each particle", show_default=False),
     memory_budget_gb: float = typer.Option(None, "--memory-budget-gb", help="particles are read and aligned in chunks that fit this", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="reuse the chunks an interrupted run with the same settings finished"),
-    score: str = typer.Option(None, "--score", help="ncc, or whitened: each frequency weighted by 1/σ² of the particles' "
-                              "background noise", show_default=False),
     config: Path = CONFIG_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
     """Correlation search inside each particle's top-k regions (or the whole asymmetric unit)."""
     with exit_on_interrupt():
         _align(project, reference, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
-               resume, score, config, force)
+               resume, config, force)
 
 
 def _align(project, reference, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
-           resume, score, config, force) -> None:
+           resume, config, force) -> None:
     cfg, al = stage_config(config, "align", angular_step_deg=angular_step, psi_step_deg=psi_step, max_shift_px=max_shift,
-                           memory_budget_gb=memory_budget_gb, score=score)
+                           memory_budget_gb=memory_budget_gb)
     proj = Project.open(project)
     stage = "align_exhaustive" if exhaustive else "align"
     out_dir = proj.root / stage
@@ -256,17 +254,15 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
                                   target_resolution_ang=pre.target_resolution_ang, angular_step_deg=al.angular_step_deg,
                                   psi_step_deg=al.psi_step_deg, min_margin_deg=al.region_margin_deg)
     with Timer() as t:
-        noise_power = estimate_noise(source, rows, pre) if al.score == "whitened" else None
         vol, ref_desc = load_reference(proj, reference, source, pre, config)
         cand_mat = candidate_matrix([cands[i] for i in rows]) if cands is not None and not exhaustive else None
         chunk = source.chunk_size(al.memory_budget_gb)
         digest = settings_digest(
             mode, al, pre, source.box, source.pixel_ang, round(geo.resolution_ang, 6), geo.angular_step_deg, geo.psi_step_deg,
             geo.margin_deg, chunk, hashlib.sha256(Path(proj.particles_star).read_bytes()).digest(), array_digest(rows),
-            array_digest(vol), array_digest(centres), array_digest(ops), None if cand_mat is None else array_digest(cand_mat),
-            None if noise_power is None else array_digest(noise_power))
+            array_digest(vol), array_digest(centres), array_digest(ops), None if cand_mat is None else array_digest(cand_mat))
         store = ChunkStore.for_stage(out_dir, digest, resume)
-        res = _align_in_chunks(source, rows, vol, cand_mat, centres, ops, geo, al, exhaustive, chunk, store, resume, noise_power)
+        res = _align_in_chunks(source, rows, vol, cand_mat, centres, ops, geo, al, exhaustive, chunk, store, resume)
         if resume:
             console.print(f"resume: {res['chunks_reused']} of {res['chunks']} chunks reused from {store.folder.relative_to(proj.root)}"
                           + ("" if res["chunks_reused"] else " (none saved with these settings; started from the first chunk)"))
@@ -336,8 +332,7 @@ def _candidates(proj: Project, table: star.ParticleTable, n_regions: int, top_k:
 
 
 def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, cand_mat: np.ndarray | None, centres, ops,
-                     geo: gallery.SearchGeometry, al, exhaustive: bool, chunk: int, store: ChunkStore, resume: bool,
-                     noise_power: np.ndarray | None = None) -> dict:
+                     geo: gallery.SearchGeometry, al, exhaustive: bool, chunk: int, store: ChunkStore, resume: bool) -> dict:
     """align_particles over the particles `rows` in fixed chunks of `chunk` (particles with the same
     candidate set side by side), each finished chunk saved to `store` and, with `resume`, loaded
     back instead of recomputed. Returns the RESULT_ARRAYS in the order of `rows`, step_seconds,
@@ -368,7 +363,7 @@ def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, 
                     pixel_size_ang=pixel, angular_step_deg=geo.angular_step_deg, psi_step_deg=geo.psi_step_deg,
                     margin_deg=geo.margin_deg, max_shift_px=al.max_shift_px, ctf_params=source.ctf_params(idx) if al.ctf else None,
                     refine=al.refine, lowpass_resolution_ang=geo.resolution_ang, memory_budget_gb=al.memory_budget_gb,
-                    exhaustive=exhaustive, progress=tick, table_cache=table_cache, noise_power=noise_power,
+                    exhaustive=exhaustive, progress=tick, table_cache=table_cache,
                 )
                 store.save(k, {"local": local, **{name: out[name] for name in RESULT_ARRAYS}})
                 for name, sec in out["seconds"].items():
@@ -379,18 +374,6 @@ def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, 
             for name in RESULT_ARRAYS:
                 res[name][local] = out[name]
     return {**res, "step_seconds": step_seconds, "chunks": len(starts), "chunks_reused": reused}
-
-
-NOISE_SAMPLE = 2000  # particles whose backgrounds estimate the noise spectrum (evenly spaced over the set)
-
-
-def estimate_noise(source: ParticleSource, rows: np.ndarray, pre) -> np.ndarray:
-    """The particles' noise power per frequency shell at the working box (`core.noise`), from the
-    backgrounds of up to NOISE_SAMPLE of the particles being aligned."""
-    from ..core import noise
-
-    sample = rows[np.unique(np.linspace(0, len(rows) - 1, min(NOISE_SAMPLE, len(rows))).astype(int))]
-    return noise.noise_power_spectrum(source.read(np.sort(sample)), pre.bg_radius_frac)
 
 
 def _summary(mode: str, res: dict, seconds: float, ref_desc: str, source: ParticleSource, geo: gallery.SearchGeometry, al,
@@ -405,7 +388,7 @@ def _summary(mode: str, res: dict, seconds: float, ref_desc: str, source: Partic
                       f"< {RESTRICTED_MIN_FRACTION:.0%} of the particles did)")
     return {"mode": mode, "n_particles": n, "seconds": round(seconds, 3), "particles_per_s": round(n / max(seconds, 1e-9), 3),
             "reference": ref_desc, "working_box_px": source.box, "working_pixel_ang": source.pixel_ang,
-            "score": al.score, "lowpass_resolution_ang": round(geo.resolution_ang, 3), "angular_step_deg": round(geo.angular_step_deg, 4),
+            "lowpass_resolution_ang": round(geo.resolution_ang, 3), "angular_step_deg": round(geo.angular_step_deg, 4),
             "psi_step_deg": round(geo.psi_step_deg, 4), "margin_deg": round(geo.margin_deg, 4), "max_shift_px": al.max_shift_px,
             "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
             "whole_unit_particles": whole_unit, "median_score": float(np.median(res["score"])), "regions": regions_spec,

@@ -123,14 +123,10 @@ class FourierBand:
     box: int
 
 
-def fourier_band(box: int, pixel_size_ang: float, lowpass_resolution_ang: float | None = None,
-                 noise_power: np.ndarray | None = None) -> FourierBand:
+def fourier_band(box: int, pixel_size_ang: float, lowpass_resolution_ang: float | None = None) -> FourierBand:
     """Half-plane coefficients with 0 < |k| ≤ k_max, k_max = N·pixel/resolution (≤ N/2, Nyquist).
 
     box: N px.  pixel_size_ang: Å/px.  lowpass_resolution_ang: Å, None → Nyquist.
-    noise_power: None (plain NCC) or the data's noise power per integer frequency shell
-    (`core.noise`, (≥ N//2 + 1,)): every coefficient is then weighted by 1/σ²(|k|) on both sides
-    of the correlation (√ on each), i.e. the score is the NCC of the whitened images.
     """
     k_max = box / 2.0
     if lowpass_resolution_ang is not None:
@@ -142,11 +138,6 @@ def fourier_band(box: int, pixel_size_ang: float, lowpass_resolution_ang: float 
     rows, cols = np.nonzero(sel)
     self_conj = (kx[sel] == 0) | ((box % 2 == 0) & (np.abs(kx[sel]) == box // 2))  # -N/2 in fftfreq
     weight = np.where(self_conj, 1.0, 2.0)
-    if noise_power is not None:
-        power = np.asarray(noise_power, np.float64)
-        shell = np.minimum(np.rint(np.sqrt(r2[sel])).astype(int), power.size - 1)
-        weight = weight / power[shell]
-        weight = weight / weight.mean()  # scale-free: the NCC does not change, the numbers stay O(1)
     return FourierBand(
         jnp.asarray(rows * box + cols, jnp.int32),
         jnp.asarray(kx[sel], jnp.float32),
@@ -561,9 +552,9 @@ class _Context:
 
 
 def _context(vol_ft: VolumeFT, pixel_size_ang: float, lowpass_resolution_ang: float | None, max_shift_px: float,
-             refine_passes: int, noise_power: np.ndarray | None = None) -> _Context:
+             refine_passes: int) -> _Context:
     mesh = devices.particle_mesh()  # None on one device: the single-device path, unchanged
-    band = fourier_band(vol_ft.box, pixel_size_ang, lowpass_resolution_ang, noise_power)
+    band = fourier_band(vol_ft.box, pixel_size_ang, lowpass_resolution_ang)
     shifts = shift_disc(max_shift_px)
     rep = partial(devices.replicate, mesh=mesh)
     return _Context(mesh, devices.mesh_size(mesh), _programs(mesh, refine_passes), rep(vol_ft), rep(band),
@@ -811,7 +802,7 @@ def _refine_block(ctx: _Context, feats, ids: np.ndarray, rotmats, origins, score
 
 
 def _wide_particles(candidate_regions, n: int, centres, ops, *, pixel_size_ang, angular_step_deg, psi_step_deg, margin_deg,
-                    max_shift_px, lowpass_resolution_ang, memory_budget_gb, noise_power, box: int) -> np.ndarray:
+                    max_shift_px, lowpass_resolution_ang, memory_budget_gb, box: int) -> np.ndarray:
     """(n,) bool: the particles to search over the whole asymmetric unit (:func:`wide_candidate_particles`,
     all of them when the others are fewer than RESTRICTED_MIN_FRACTION of n)."""
     n_coeffs = int(fourier_band(box, pixel_size_ang, lowpass_resolution_ang).flat_index.shape[0])
@@ -842,7 +833,6 @@ def align_particles(
     exhaustive: bool = False,
     progress: Callable[[int], None] | None = None,
     table_cache: dict | None = None,
-    noise_power: np.ndarray | None = None,
 ) -> dict:
     """Align every particle inside its candidate regions (or the whole asymmetric unit).
 
@@ -861,8 +851,6 @@ def align_particles(
         ``defocus_v_ang``, ``defocus_angle_deg``, ``voltage_kv``, ``cs_mm``, ``amplitude_contrast``
         (optional ``bfactor_ang2``, ``phase_shift_deg``).
     refine: run the REFINE_PASSES local passes.  lowpass_resolution_ang: band limit of the score.
-    noise_power: None (plain NCC) or the data's noise power per frequency shell: the score is then
-        the NCC of the noise-whitened images (:func:`fourier_band`).
     memory_budget_gb: bound on the reference table and transient arrays (:func:`chunk_sizes`).
     exhaustive: search the union of all regions (no margin) with the same code.
     progress: called with the (estimated, non-decreasing) number of particles finished.
@@ -887,7 +875,7 @@ def align_particles(
     """
     opts = dict(pixel_size_ang=pixel_size_ang, angular_step_deg=angular_step_deg, psi_step_deg=psi_step_deg,
                 margin_deg=margin_deg, max_shift_px=max_shift_px, lowpass_resolution_ang=lowpass_resolution_ang,
-                memory_budget_gb=memory_budget_gb, noise_power=noise_power)
+                memory_budget_gb=memory_budget_gb)
     if not exhaustive:  # particles whose candidates cost more than the asymmetric unit: search it whole
         wide = _wide_particles(candidate_regions, len(images), centres, ops, **opts, box=vol_ft.box)
         if wide.any():
@@ -899,12 +887,12 @@ def align_particles(
 
 def _align_groups(images, vol_ft: VolumeFT, candidate_regions, centres, ops, *, pixel_size_ang, angular_step_deg, psi_step_deg,
                   margin_deg, max_shift_px, ctf_params, refine, lowpass_resolution_ang, memory_budget_gb, exhaustive, progress,
-                  table_cache, noise_power=None) -> dict:
+                  table_cache) -> dict:
     """:func:`align_particles` once every particle searches either its candidate regions or (all,
     exhaustive) the asymmetric unit: steps (1)–(4) of its docstring, block by block."""
     n, box = len(images), vol_ft.box
     passes = REFINE_PASSES if refine else 0
-    ctx = _context(vol_ft, pixel_size_ang, lowpass_resolution_ang, max_shift_px, passes, noise_power)
+    ctx = _context(vol_ft, pixel_size_ang, lowpass_resolution_ang, max_shift_px, passes)
     lattice = sphere_lattice(angular_step_deg)
     n_psi = len(psi_angles(psi_step_deg))
     galleries, members = _search_groups(n, candidate_regions, exhaustive, lattice, centres, ops, margin_deg,
@@ -915,8 +903,7 @@ def _align_groups(images, vol_ft: VolumeFT, candidate_regions, centres, ops, *, 
     clock = _Clock()
     held = None
     if chunking.table_held:
-        cache_key = (id(vol_ft), box, float(pixel_size_ang), lowpass_resolution_ang, None if noise_power is None else np.asarray(noise_power).tobytes(),
-                     float(angular_step_deg), float(psi_step_deg),
+        cache_key = (id(vol_ft), box, float(pixel_size_ang), lowpass_resolution_ang, float(angular_step_deg), float(psi_step_deg),
                      float(margin_deg), bool(exhaustive), len(centres), r_chunk, ctx.n_dev)
         held = _held_table(ctx, table, [len(g) * n_psi for g in galleries], cache_key, table_cache, vol_ft, clock)
     member_of = np.zeros((len(galleries), n), bool)
