@@ -10,7 +10,9 @@ STAR origin, in output pixels) and CTF_i is RELION's ``ctf_2d``. The noise has Ï
 var(clean images)/snr; var is measured once, over the first chunk (up to ``chunk`` clean
 particles), and the same Ïƒ is used for the whole stack. It is white Gaussian by default, or crops
 of a real micrograph (`micrograph_noise`): real ice, the micrograph's own CTF and neighbouring
-particles, a coloured spectrum far closer to real data than white noise.
+particles, a coloured spectrum far closer to real data than white noise. Crops of one micrograph
+overlap, so that noise is not independent between particles: half-map FSCs of many such
+particles are optimistic.
 
 Poses are uniform over SO(3): projection direction uniform on the sphere (rot uniform in
 [-180, 180), cos(tilt) uniform in [-1, 1]) and psi uniform in [-180, 180).
