@@ -84,7 +84,8 @@ def command(
         dirs = geometry.projection_direction(eulers[:, 0], eulers[:, 1])
         idx, dist = regions.assign_regions(dirs, centres, ops)
         counts = np.bincount(idx, minlength=len(centres))
-        labelled = table.copy()
+        # labels.star lives in PROJECT/label/: its image names must find the stacks from there
+        labelled = star.rebase_image_names(table, proj.root / "label", proj.root)
         labelled.particles["rlnDeepAlignRegion"] = idx.astype(int)
         labelled.particles["rlnDeepAlignRegionDist"] = np.round(dist, 4)
         rt = region_table(centres, counts)

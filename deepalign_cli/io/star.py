@@ -284,6 +284,31 @@ def image_base_dir(table: ParticleTable) -> Path:
     return star_dir
 
 
+def rebase_image_names(table: ParticleTable, new_folder: Path, root: Path) -> ParticleTable:
+    """A copy of the table whose rlnImageName stack paths find the same stacks from a STAR written
+    in `new_folder`: stacks under `root` (the project) relative to new_folder, so the project
+    can be moved as a whole; stacks elsewhere absolute, so it can be moved without them. Indices
+    keep their format; names already absolute stay as they are."""
+    import os
+
+    from .mrc import parse_image_name
+
+    base, new_folder, root = image_base_dir(table), Path(new_folder).resolve(), Path(root).resolve()
+    names = []
+    for name in image_names(table):
+        parse_image_name(name)  # the same check as every reader
+        index, stack = str(name).split("@", 1)
+        if Path(stack).is_absolute():
+            names.append(name)
+            continue
+        path = (base / stack).resolve()
+        inside = path == root or root in path.parents
+        names.append(f"{index}@{os.path.relpath(path, new_folder) if inside else path}")
+    out = table.copy()
+    out.particles["rlnImageName"] = names
+    return out
+
+
 def get_poses(table: ParticleTable, hint: str = "the particles need poses (a refined or pre-aligned STAR file)") -> tuple[np.ndarray, np.ndarray]:
     """(eulers_deg (n, 3) [rot, tilt, psi], origins_ang (n, 2) [x, y]) float64; origins default 0."""
     df = table.particles
