@@ -30,7 +30,7 @@ from ..errors import DeepAlignError
 from ..io import mrc, star
 from ..io.atomic import staged_dir
 from ..io.project import Project
-from ._common import check_can_run, CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, console, removed_on_failure, stage_config
+from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, progress, removed_on_failure, stage_config
 
 SHIPPED_MAP_PIXEL_ANG = 5.0  # ASPIRE's tutorials use 5 Å/px for this 65³ map (deepalign_cli/data/README.md)
 
@@ -66,6 +66,75 @@ def load_noise_micrograph(path: Path, pixel_out_ang: float, box: int) -> np.ndar
     return mic
 
 
+def output_box(box_px: int | None, n_map: int) -> int:
+    """The particles' box: --box, else the map's (minus one when odd: RELION needs an even box)."""
+    out_box = box_px or (n_map if n_map % 2 == 0 else n_map - 1)
+    if out_box > n_map:
+        raise DeepAlignError(f"--box {out_box}: larger than the map's box {n_map}")
+    if out_box % 2:
+        raise DeepAlignError(f"--box {out_box}: RELION needs an even box")
+    return out_box
+
+
+def check_new_project(project: Path, force: bool) -> None:
+    """Simulate into a new folder, or redo (--force) a project that simulate made."""
+    if not Project(project).yaml_path.exists():
+        return
+    proj = Project.open(project)
+    check_can_run(proj, "simulate", force)
+    ours = (Path(project) / "simulated" / "particles.star").resolve()
+    if proj.particles_star is not None and proj.particles_star != ours:
+        raise DeepAlignError(f"{proj.root}: already a deepalign project for {proj.particles_star}; simulate into a new project folder")
+
+
+CHUNK = 4096  # particles simulated and written per step (bounds memory)
+
+
+def simulate_stack(path: Path, vol_box: np.ndarray, pixel_out: float, sim, mic: np.ndarray | None) -> dict:
+    """Simulate sim.n_particles into the MRC stack at `path`, a chunk at a time (progress shown).
+    Returns the drawn parameters: eulers_deg (n, 3), origins_px (n, 2), defocus_u/v_ang,
+    defocus_angle_deg (n,)."""
+    import jax
+
+    from ..core import simulate
+
+    key, n, box = jax.random.PRNGKey(sim.seed), sim.n_particles, vol_box.shape[0]
+    parts = []
+    with mrc.StackWriter(path, n, box, pixel_out) as writer, progress() as bar:
+        task = bar.add_task("simulate", total=n, rate="")
+        for start in range(0, n, CHUNK):
+            r = simulate.simulate_particles(
+                jax.random.fold_in(key, start), vol_box, min(CHUNK, n - start), pixel_out, snr=sim.snr,
+                defocus_range_ang=(sim.defocus_min_ang, sim.defocus_max_ang), astigmatism_ang=sim.astigmatism_ang,
+                voltage_kv=sim.voltage_kv, cs_mm=sim.cs_mm, amplitude_contrast=sim.amplitude_contrast,
+                bfactor_ang2=sim.bfactor_ang2, max_shift_px=sim.max_shift_px, ctf=sim.ctf, noise_micrograph=mic,
+            )
+            writer.write(start, r.pop("images"))
+            parts.append(r)
+            bar.update(task, completed=start + len(r["eulers_deg"]))
+    keys = ("eulers_deg", "origins_px", "defocus_u_ang", "defocus_v_ang", "defocus_angle_deg")
+    return {k: np.concatenate([r[k] for r in parts]) for k in keys}
+
+
+def write_tables(folder: Path, drawn: dict, pixel_out: float, box: int, sim) -> int:
+    """truth.star, particles.star (no poses) and subset.star (the pre-aligned fraction, true
+    poses) of the simulated stack. Returns the subset's size."""
+    n = len(drawn["eulers_deg"])
+    names = [f"{i + 1:06d}@simulated/particles.mrcs" for i in range(n)]
+    ctf = None
+    if sim.ctf:
+        ctf = dict(defocus_u_ang=drawn["defocus_u_ang"], defocus_v_ang=drawn["defocus_v_ang"], defocus_angle_deg=drawn["defocus_angle_deg"],
+                   voltage_kv=sim.voltage_kv, cs_mm=sim.cs_mm, amplitude_contrast=sim.amplitude_contrast)
+    truth = star.make_table(names, drawn["eulers_deg"], drawn["origins_px"] * pixel_out, pixel_out, box, ctf=ctf)
+    star.write_particles(folder / "truth.star", truth)
+    star.write_particles(folder / "particles.star", star.make_table(names, None, None, pixel_out, box, ctf=ctf))
+    n_sub = max(1, int(round(sim.pre_aligned_fraction * n)))
+    subset_idx = np.sort(np.random.default_rng(sim.seed).choice(n, n_sub, replace=False))
+    star.write_particles(folder / "subset.star",
+                         star.ParticleTable(truth.particles.iloc[subset_idx].reset_index(drop=True), truth.optics, truth.source))
+    return n_sub
+
+
 def command(
     project: Path = PROJECT_ARG,
     map_path: Path = typer.Option(None, "--map", help="3D map (MRC); default: the shipped 70S ribosome", show_default=False),
@@ -82,69 +151,30 @@ def command(
     force: bool = FORCE_OPT,
 ) -> None:
     """Simulate particles (CTF, noise, known poses) from a map into a new project."""
-    import jax
-
-    from ..core import preprocess, simulate
+    from ..core import preprocess
 
     flags = dict(n_particles=n_particles, box_px=box, snr=snr, pre_aligned_fraction=pre_aligned_fraction, seed=seed,
                  pixel_size_ang=angpix, ctf=False if no_ctf else None,
                  noise_micrograph=None if noise_micrograph is None else str(Path(noise_micrograph).resolve()))
     cfg, sim = stage_config(config, "simulate", **flags)
     vol, pixel = load_map(map_path, sim.pixel_size_ang)
-    n_map = vol.shape[0]
-    out_box = sim.box_px or (n_map if n_map % 2 == 0 else n_map - 1)
-    if out_box > n_map:
-        raise DeepAlignError(f"--box {out_box}: larger than the map's box {n_map}")
-    if out_box % 2:
-        raise DeepAlignError(f"--box {out_box}: RELION needs an even box")
-    pixel_out = pixel * n_map / out_box
+    out_box = output_box(sim.box_px, vol.shape[0])
+    pixel_out = pixel * vol.shape[0] / out_box
     mic = load_noise_micrograph(Path(sim.noise_micrograph), pixel_out, out_box) if sim.noise_micrograph else None
-    if Project(project).yaml_path.exists():
-        proj = Project.open(project)
-        check_can_run(proj, "simulate", force)
-        ours = (Path(project) / "simulated" / "particles.star").resolve()
-        if proj.particles_star is not None and proj.particles_star != ours:
-            raise DeepAlignError(f"{proj.root}: already a deepalign project for {proj.particles_star}; simulate into a new project folder")
+    check_new_project(project, force)
 
+    sim_dir = Path(project) / "simulated"
     with removed_on_failure(project), Timer() as t:
-        vol_box = np.asarray(preprocess.fourier_crop_volume(vol, out_box)) if out_box != n_map else vol
-        key = jax.random.PRNGKey(sim.seed)
-        n = sim.n_particles
-        chunk = 4096
-        eulers, origins, du, dv, dang = [], [], [], [], []
-        with staged_dir(Path(project) / "simulated") as tmp:
-            with mrc.StackWriter(tmp / "particles.mrcs", n, out_box, pixel_out) as writer:
-                for start in range(0, n, chunk):
-                    m = min(chunk, n - start)
-                    r = simulate.simulate_particles(
-                        jax.random.fold_in(key, start), vol_box, m, pixel_out, snr=sim.snr,
-                        defocus_range_ang=(sim.defocus_min_ang, sim.defocus_max_ang), astigmatism_ang=sim.astigmatism_ang,
-                        voltage_kv=sim.voltage_kv, cs_mm=sim.cs_mm, amplitude_contrast=sim.amplitude_contrast,
-                        bfactor_ang2=sim.bfactor_ang2, max_shift_px=sim.max_shift_px, ctf=sim.ctf, noise_micrograph=mic,
-                    )
-                    writer.write(start, r["images"])
-                    eulers.append(r["eulers_deg"]); origins.append(r["origins_px"])
-                    du.append(r["defocus_u_ang"]); dv.append(r["defocus_v_ang"]); dang.append(r["defocus_angle_deg"])
-            eulers, origins = np.concatenate(eulers), np.concatenate(origins) * pixel_out
-            names = [f"{i + 1:06d}@simulated/particles.mrcs" for i in range(n)]
-            ctf = None
-            if sim.ctf:
-                ctf = dict(defocus_u_ang=np.concatenate(du), defocus_v_ang=np.concatenate(dv), defocus_angle_deg=np.concatenate(dang),
-                           voltage_kv=sim.voltage_kv, cs_mm=sim.cs_mm, amplitude_contrast=sim.amplitude_contrast)
-            truth = star.make_table(names, eulers, origins, pixel_out, out_box, ctf=ctf)
-            star.write_particles(tmp / "truth.star", truth)
-            star.write_particles(tmp / "particles.star", star.make_table(names, None, None, pixel_out, out_box, ctf=ctf))
-            rng = np.random.default_rng(sim.seed)
-            n_sub = max(1, int(round(sim.pre_aligned_fraction * n)))
-            subset_idx = np.sort(rng.choice(n, n_sub, replace=False))
-            subset = star.ParticleTable(truth.particles.iloc[subset_idx].reset_index(drop=True), truth.optics, truth.source)
-            star.write_particles(tmp / "subset.star", subset)
+        vol_box = np.asarray(preprocess.fourier_crop_volume(vol, out_box)) if out_box != vol.shape[0] else vol
+        with staged_dir(sim_dir) as tmp:
+            drawn = simulate_stack(tmp / "particles.mrcs", vol_box, pixel_out, sim, mic)
+            n_sub = write_tables(tmp, drawn, pixel_out, out_box, sim)
             mrc.write_map(tmp / "map.mrc", vol_box, pixel_out)
-        sim_dir = Path(project) / "simulated"
         proj = Project.create(project, particles_star=sim_dir / "particles.star", config=cfg)
         proj.record_config("regions", cfg.regions)
     proj.mark_done("simulate", outputs=[sim_dir / f for f in ("particles.mrcs", "particles.star", "truth.star", "subset.star", "map.mrc")],
                    seconds=t.seconds, config=sim)
+    n = sim.n_particles
     noise = f"noise from {Path(sim.noise_micrograph).name}" if sim.noise_micrograph else "white noise"
     console.print(f"[green]simulated[/green] {n} particles, {out_box} px at {pixel_out:.3f} Å/px, SNR {sim.snr} ({noise}), "
                   f"{'CTF' if sim.ctf else 'no CTF'} → {sim_dir}/ (subset of {n_sub} pre-aligned) in {t.seconds:.1f} s")
