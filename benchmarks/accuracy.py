@@ -13,8 +13,10 @@ Per case (C1, and C4 with a C4-symmetrised map):
    RELION's C4 axis; checked with our projector: a pose A and A·R give the same image). Poses
    uniform on SO(3), origins uniform in ±3 px, per-particle defocus 1.0–2.5 µm with ≤ 600 Å
    astigmatism at a random angle (300 kV, Cs 2.7 mm, Q0 0.1). ``relion_project --ctf --ang`` makes
-   the clean images; we add white Gaussian noise with var(signal)/σ² = 0.05 over the stack and
-   normalise the background like relion_preprocess (mean 0, std 1 outside a 0.75 radius). A random
+   the clean images; we add noise with var(signal)/σ² = 0.05 (``--snr``) over the stack — white
+   Gaussian, or with ``--noise-micrograph`` crops of a real micrograph (``core.simulate``'s
+   ``micrograph_noise``: resampled to the particles' pixel, random position, k·90° turn, mirror,
+   each crop normalised) — and normalise the background like relion_preprocess (mean 0, std 1 outside a 0.75 radius). A random
    10 % is the pre-aligned subset (true poses); the rest are the held-out particles scored below.
 2. **deepalign**, through its CLI in subprocesses: init → label (--spacing 30) → train → predict
    (top-2) → reconstruct the subset's map (the paper's reference) → align → reconstruct → report
@@ -152,7 +154,21 @@ def check_symmetry(vol: np.ndarray, sym: str) -> float:
     return worst
 
 
-def make_dataset(case_dir: Path, sym: str, n: int, seed: int) -> dict:
+def make_noise(n: int, seed: int, micrograph: Path | None) -> np.ndarray:
+    """(n, BOX, BOX) unit-variance noise: white Gaussian, or crops of a real micrograph."""
+    if micrograph is None:
+        return np.random.default_rng(seed + 1).standard_normal((n, BOX, BOX)).astype(np.float32)
+    import jax
+
+    from deepalign_cli.core import simulate
+    from deepalign_cli.io import mrc
+
+    image, pixel = mrc.read_image(micrograph)
+    mic = simulate.resample_micrograph(image, pixel, PIXEL_ANG)
+    return np.asarray(simulate.micrograph_noise(jax.random.PRNGKey(seed + 1), mic, n, BOX))
+
+
+def make_dataset(case_dir: Path, sym: str, n: int, seed: int, snr: float = SNR, micrograph: Path | None = None) -> dict:
     """Truth map, relion_project particles with CTF + noise, particle/truth/subset STARs."""
     from deepalign_cli.core import preprocess
     from deepalign_cli.io import mrc, star
@@ -183,8 +199,8 @@ def make_dataset(case_dir: Path, sym: str, n: int, seed: int) -> dict:
     clean = np.array(mrc.open_stack(case_dir / "proj.mrcs"), np.float32)
     if clean.shape != (n, BOX, BOX):
         raise RuntimeError(f"relion_project wrote {clean.shape}, expected {(n, BOX, BOX)}")
-    sigma = float(np.sqrt(clean.var() / SNR))
-    noisy = clean + sigma * np.random.default_rng(seed + 1).standard_normal(clean.shape).astype(np.float32)
+    sigma = float(np.sqrt(clean.var() / snr))
+    noisy = clean + sigma * make_noise(n, seed, micrograph)
     noisy = np.asarray(preprocess.normalize_background(noisy, 0.75))
     mrc.write_stack(case_dir / "particles.mrcs", noisy, PIXEL_ANG)
     (case_dir / "proj.mrcs").unlink()
@@ -196,7 +212,8 @@ def make_dataset(case_dir: Path, sym: str, n: int, seed: int) -> dict:
     sub_ctf = {k: (v[sub] if isinstance(v, np.ndarray) else v) for k, v in ctf.items()}
     star.write_particles(case_dir / "subset.star",
                          star.make_table([names[i] for i in sub], eulers[sub], origins_ang[sub], PIXEL_ANG, BOX, ctf=sub_ctf))
-    return {"n_particles": n, "n_subset": int(sub.size), "snr": SNR, "noise_sigma_over_signal_std": float(np.sqrt(1 / SNR)),
+    return {"n_particles": n, "n_subset": int(sub.size), "snr": snr, "noise_sigma_over_signal_std": float(np.sqrt(1 / snr)),
+            "noise": "white" if micrograph is None else str(micrograph),
             "relion_project_s": project_s, "symmetry_check_min_ncc": sym_ncc}
 
 
@@ -386,11 +403,14 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     from deepalign_cli.io import mrc
 
     case_dir = work / sym
-    log(f"== {sym}: {n} particles, box {BOX}, {PIXEL_ANG:.4f} Å/px, SNR {SNR} ==")
-    if args.reuse_data and (case_dir / "particles.star").exists() and (case_dir / "data.json").exists():
-        data = json.loads((case_dir / "data.json").read_text())
+    noise = "white" if args.noise_micrograph is None else str(args.noise_micrograph)
+    log(f"== {sym}: {n} particles, box {BOX}, {PIXEL_ANG:.4f} Å/px, SNR {args.snr}, {noise} noise ==")
+    old = json.loads((case_dir / "data.json").read_text()) if (case_dir / "data.json").exists() else None
+    if (args.reuse_data and old is not None and (case_dir / "particles.star").exists()
+            and (old.get("snr"), old.get("noise", "white")) == (args.snr, noise)):
+        data = old
     else:
-        data = make_dataset(case_dir, sym, n, seed)
+        data = make_dataset(case_dir, sym, n, seed, args.snr, args.noise_micrograph)
         (case_dir / "data.json").write_text(json.dumps(data))
     log(f"  data ready ({data['n_subset']} pre-aligned)")
     res: dict = {"symmetry": sym, "data": data, "load_before": load_average()}
@@ -497,6 +517,10 @@ def main() -> int:
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--coverage", type=float, default=None,
                     help="predict --coverage C (calibrated on the held-out labelled particles) instead of cumulative p 0.5")
+    ap.add_argument("--snr", type=float, default=SNR, help="var(signal) / var(noise) of the particles")
+    ap.add_argument("--noise-micrograph", type=Path, default=None,
+                    help="noise cut from this real micrograph (MRC with its pixel size) instead of white Gaussian noise, "
+                         "e.g. ../shared/data/micrograph_noise/fei_extended_1.668A_1024.mrc")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
     args = ap.parse_args()
@@ -525,7 +549,8 @@ def main() -> int:
         "relion": relion_version[0] if relion_version else None,
         "quick": args.quick,
         "sizes": {"n_particles": n, "box_px": BOX, "pixel_ang": PIXEL_ANG, "pre_aligned_fraction": PRE_ALIGNED_FRACTION},
-        "settings": {"snr": SNR, "max_origin_px": MAX_ORIGIN_PX, "defocus_range_ang": DEFOCUS_RANGE_ANG,
+        "settings": {"snr": args.snr, "noise": "white" if args.noise_micrograph is None else str(args.noise_micrograph),
+                     "max_origin_px": MAX_ORIGIN_PX, "defocus_range_ang": DEFOCUS_RANGE_ANG,
                      "max_astigmatism_ang": MAX_ASTIGMATISM_ANG, **OPTICS, "region_spacing_deg": REGION_SPACING_DEG,
                      "particle_diameter_ang": PARTICLE_DIAMETER_ANG, "relion_reference_lowpass_ang": REFERENCE_LOWPASS_ANG,
                      "relion_mode": args.relion_mode, "relion_iter": args.relion_iter if args.relion_mode == "global" else None,
