@@ -66,8 +66,6 @@ def command(
 
 
 def _train(project, regions, epochs, images_per_region, model, seed, resume, merge, config, force) -> None:
-    import jax
-
     from ..core import models, training
 
     cfg, tc = stage_config(config, "train", epochs=epochs, images_per_region=images_per_region, model=model, seed=seed)
@@ -83,14 +81,7 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
     if one_net and regions is not None:
         raise DeepAlignError(f"--regions: the {tc.model} model trains all regions at once; use model: per_region to shard")
 
-    labels_path = proj.root / "label" / "labels.star"
-    table = star.read_particles(labels_path)
-    src = ParticleSource(table, cfg.preprocess)
-    host_malloc.share_one_arena(src.box)  # before JAX starts its threads (see host_malloc)
-    check_against_project(src, proj, labels_path)
-    y = table.particles["rlnDeepAlignRegion"].to_numpy(int)
-    if y.max(initial=-1) >= n_regions:
-        raise DeepAlignError(f"{labels_path}: region {y.max()} but the project has {n_regions} regions; rerun deepalign label --force")
+    labels_path, src, y = load_labels(proj, cfg, n_regions)
     digest = settings_digest(tc, cfg.preprocess, hashlib.sha256(labels_path.read_bytes()).digest())
     resume_state = {}
     if resume:
@@ -101,10 +92,46 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
     def save_resume(unit, epoch, state):
         ckpt.write_entry(ckpt.resume_file(train_dir, unit), {**state, SETTINGS_KEY: digest})
 
+    with Timer() as t:
+        results = train_with_progress(images, y, todo, tc, src.box, resume_state, save_resume)
+    for r, entry in results.items():
+        ckpt.write_entry(ckpt.region_file(train_dir, r), {**entry, "region": int(r), "box": src.box, "pixel_ang": src.pixel_ang, SETTINGS_KEY: digest})
+    shards = record_shard(proj, format_regions(requested))
+    missing = sorted(set(range(n_regions)) - set(ckpt.existing_regions(train_dir)))
+    console.print(f"[green]trained[/green] regions {format_regions(todo) or 'none (all finished before)'} in {t.seconds:.1f} s "
+                  f"(+{t_load.seconds:.1f} s loading {len(images)} images at {src.box} px)")
+    if missing:
+        console.print(f"train: {len(missing)} region(s) still to train ({format_regions(missing)}); the stage is done when all are")
+        return
+    write_metrics(train_dir, n_regions)
+    proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"],
+                   seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang, shards_done=shards,
+                   **validation_record(y, tc))
+
+
+def load_labels(proj: Project, cfg, n_regions: int) -> tuple[Path, ParticleSource, np.ndarray]:
+    """labels.star, its images as every stage prepares them, and each particle's region."""
+    labels_path = proj.root / "label" / "labels.star"
+    table = star.read_particles(labels_path)
+    src = ParticleSource(table, cfg.preprocess)
+    host_malloc.share_one_arena(src.box)  # before JAX starts its threads (see host_malloc)
+    check_against_project(src, proj, labels_path)
+    y = table.particles["rlnDeepAlignRegion"].to_numpy(int)
+    if y.max(initial=-1) >= n_regions:
+        raise DeepAlignError(f"{labels_path}: region {y.max()} but the project has {n_regions} regions; rerun deepalign label --force")
+    return labels_path, src, y
+
+
+def train_with_progress(images: np.ndarray, y: np.ndarray, todo: list[int], tc, box: int, resume_state: dict, save_resume) -> dict:
+    """`core.training.train_regions` with a progress bar over region-epochs (augmented images
+    per second and the latest validation accuracy)."""
+    import jax
+
+    from ..core import training
+
     t0 = time.perf_counter()
-    n_epochs_total = len(todo) * tc.epochs
-    with progress() as bar, Timer() as t:
-        task = bar.add_task(f"train {len(todo)} regions @ {src.box} px", total=n_epochs_total, rate="")
+    with progress() as bar:
+        task = bar.add_task(f"train {len(todo)} regions @ {box} px", total=len(todo) * tc.epochs, rate="")
         images_seen = [0]
 
         def on_event(ev):
@@ -119,21 +146,8 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
             if ev.get("stopped"):
                 bar.advance(task, width * (tc.epochs - 1 - ev["epoch"]))
 
-        results = training.train_regions(images, y, todo, tc, jax.random.key(tc.seed), progress=on_event,
-                                         resume_state=resume_state or None, checkpoint_cb=save_resume)
-    for r, entry in results.items():
-        ckpt.write_entry(ckpt.region_file(train_dir, r), {**entry, "region": int(r), "box": src.box, "pixel_ang": src.pixel_ang, SETTINGS_KEY: digest})
-    shards = record_shard(proj, format_regions(requested))
-    missing = sorted(set(range(n_regions)) - set(ckpt.existing_regions(train_dir)))
-    console.print(f"[green]trained[/green] regions {format_regions(todo) or 'none (all finished before)'} in {t.seconds:.1f} s "
-                  f"(+{t_load.seconds:.1f} s loading {len(images)} images at {src.box} px)")
-    if missing:
-        console.print(f"train: {len(missing)} region(s) still to train ({format_regions(missing)}); the stage is done when all are")
-        return
-    write_metrics(train_dir, n_regions)
-    proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"],
-                   seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang, shards_done=shards,
-                   **validation_record(y, tc))
+        return training.train_regions(images, y, todo, tc, jax.random.key(tc.seed), progress=on_event,
+                                      resume_state=resume_state or None, checkpoint_cb=save_resume)
 
 
 def record_shard(proj: Project, spec: str) -> list[str]:
