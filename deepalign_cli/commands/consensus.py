@@ -135,6 +135,68 @@ def _print_summary(summary: dict, labels: list[str], out: Path) -> None:
     console.print(f"wrote {out / 'consensus.star'} ({summary['kept']} particles), differences.csv, summary.json, differences.png, missing.txt")
 
 
+def _default_symmetry(sym: str | None, proj: Project | None, config: Path | None, cfg) -> str:
+    """--sym, else (without --config) the project's regions.symmetry, else the config's regions.symmetry."""
+    if sym is not None:
+        return sym
+    from_project = (proj.stage_config("regions") or {}).get("symmetry") if proj is not None and config is None else None
+    return from_project or cfg.regions.symmetry
+
+
+def _check_inputs(inputs: list[Path], keep_from: int) -> None:
+    """At least two inputs, and --keep-from one of their indices."""
+    if len(inputs) < 2:
+        raise DeepAlignError(f"{inputs[0] if inputs else 'consensus'}: give at least two particle files to compare")
+    if not 0 <= keep_from < len(inputs):
+        raise DeepAlignError(f"--keep-from {keep_from}: must be an input index between 0 and {len(inputs) - 1}")
+
+
+def _symmetry(sym_name: str):
+    """Canonical point-group name and its operators (a one-line error for an unknown name)."""
+    try:
+        sym_name = canonical_name(sym_name)
+        return sym_name, symmetry_operators(sym_name)
+    except UnknownSymmetry:
+        raise DeepAlignError(f"--sym {sym_name}: unknown symmetry (RELION names: C1, Cn, Dn, T, O, I1, I2)")
+
+
+def _compare(inputs: list[Path], ops, ccfg):
+    """Read and match the inputs; the tables, match indices, missing names, kept mask and pairwise differences."""
+    tables = [_read(p) for p in inputs]
+    eulers = [get_poses(t, hint="consensus compares poses")[0] for t in tables]
+    _, indices, missing = _match(tables)
+    mask, pairwise = core.consensus_mask([e[idx] for e, idx in zip(eulers, indices)], ops, ccfg.threshold_deg, ccfg.mode)
+    return tables, indices, missing, mask, pairwise
+
+
+def _kept_table(table: ParticleTable, rows, mask) -> ParticleTable:
+    """The rows of the --keep-from input (matched order) whose poses agree."""
+    kept = table.copy()
+    kept.particles = kept.particles.iloc[rows[mask]].reset_index(drop=True)
+    return kept
+
+
+def _differences_frame(table: ParticleTable, rows, pairwise: dict, mask) -> pd.DataFrame:
+    """differences.csv: image name, difference per pair (degrees) and whether the particle is kept."""
+    diff_frame = pd.DataFrame({"rlnImageName": table.particles["rlnImageName"].to_numpy()[rows]})
+    for (i, j), d in pairwise.items():
+        diff_frame[f"diff_{i}_{j}_deg"] = np.round(d, 4)
+    diff_frame["kept"] = mask.astype(int)
+    return diff_frame
+
+
+def _writers(kept: ParticleTable, diff_frame: pd.DataFrame, summary: dict, missing_lines: list[str],
+             pairwise: dict, labels: list[str], threshold_deg: float) -> dict:
+    """Output file name → function writing it to a temporary path."""
+    return {
+        "differences.png": lambda tmp: _sorted_differences_png(tmp, pairwise, labels, threshold_deg),
+        "consensus.star": lambda tmp: write_particles(tmp, kept),
+        "differences.csv": lambda tmp: diff_frame.to_csv(tmp, index=False),
+        "summary.json": lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
+        "missing.txt": lambda tmp: tmp.write_text("\n".join(missing_lines) + "\n"),
+    }
+
+
 def command(
     inputs: Annotated[list[Path], typer.Argument(help="two or more particle files (.star, .cs, .xmd)")],
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="keep particles whose differences are all ≤ this (degrees) (default: config consensus.threshold_deg, 5)")] = None,
@@ -154,43 +216,19 @@ def command(
     cfg = load_config(config)
     ccfg = override(cfg.consensus, threshold_deg=threshold, mode=mode)
     proj = Project.open(project) if project is not None else None
-    sym_name = sym
-    if sym_name is None:
-        from_project = (proj.stage_config("regions") or {}).get("symmetry") if proj is not None and config is None else None
-        sym_name = from_project or cfg.regions.symmetry
-    if len(inputs) < 2:
-        raise DeepAlignError(f"{inputs[0] if inputs else 'consensus'}: give at least two particle files to compare")
-    if not 0 <= keep_from < len(inputs):
-        raise DeepAlignError(f"--keep-from {keep_from}: must be an input index between 0 and {len(inputs) - 1}")
-    try:
-        sym_name = canonical_name(sym_name)
-        ops = symmetry_operators(sym_name)
-    except UnknownSymmetry:
-        raise DeepAlignError(f"--sym {sym_name}: unknown symmetry (RELION names: C1, Cn, Dn, T, O, I1, I2)")
+    sym_name = _default_symmetry(sym, proj, config, cfg)
+    _check_inputs(inputs, keep_from)
+    sym_name, ops = _symmetry(sym_name)
     out = out or (proj.root / "consensus" if proj is not None else inputs[0].parent / "consensus")
 
-    tables = [_read(p) for p in inputs]
-    eulers = [get_poses(t, hint="consensus compares poses")[0] for t in tables]
-    _, indices, missing = _match(tables)
-    mask, pairwise = core.consensus_mask([e[idx] for e, idx in zip(eulers, indices)], ops, ccfg.threshold_deg, ccfg.mode)
-
+    tables, indices, missing, mask, pairwise = _compare(inputs, ops, ccfg)
     labels = [f"{k}:{p.name}" for k, p in enumerate(inputs)]
-    kept = tables[keep_from].copy()
-    kept.particles = kept.particles.iloc[indices[keep_from][mask]].reset_index(drop=True)
-    diff_frame = pd.DataFrame({"rlnImageName": tables[keep_from].particles["rlnImageName"].to_numpy()[indices[keep_from]]})
-    for (i, j), d in pairwise.items():
-        diff_frame[f"diff_{i}_{j}_deg"] = np.round(d, 4)
-    diff_frame["kept"] = mask.astype(int)
+    kept = _kept_table(tables[keep_from], indices[keep_from], mask)
+    diff_frame = _differences_frame(tables[keep_from], indices[keep_from], pairwise, mask)
     summary = _summary(inputs, sym_name, ccfg, keep_from, mask, pairwise, missing)
     missing_lines = ["missing_from\trlnImageName"] + [f"{p}\t{name}" for p, m in zip(inputs, missing) for name in m]
 
-    writers = {
-        "differences.png": lambda tmp: _sorted_differences_png(tmp, pairwise, labels, ccfg.threshold_deg),
-        "consensus.star": lambda tmp: write_particles(tmp, kept),
-        "differences.csv": lambda tmp: diff_frame.to_csv(tmp, index=False),
-        "summary.json": lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
-        "missing.txt": lambda tmp: tmp.write_text("\n".join(missing_lines) + "\n"),
-    }
+    writers = _writers(kept, diff_frame, summary, missing_lines, pairwise, labels, ccfg.threshold_deg)
     _write_all(out, writers)
 
     if proj is not None:

@@ -156,50 +156,47 @@ def _slurm_header(root: Path, partition: str | None, gres: str | None) -> list[s
     return lines
 
 
-def command(
-    project: Annotated[Path, typer.Argument(help="deepalign project folder")],
-    program: Annotated[str, typer.Option("--program", help="relion, xmipp, cryosparc or all")] = "relion",
-    star: Annotated[Optional[Path], typer.Option("--star", help="particles to reconstruct (default: PROJECT/align/aligned.star)")] = None,
-    sym: Annotated[Optional[str], typer.Option("--sym", help="point group (default: the project regions.symmetry, else C1)")] = None,
-    slurm: Annotated[bool, typer.Option("--slurm", help="add #SBATCH lines so the script can be submitted with sbatch")] = False,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="SLURM partition (with --slurm)")] = None,
-    gres: Annotated[Optional[str], typer.Option("--gres", help="SLURM generic resources, e.g. gpu:1 (with --slurm)")] = None,
-) -> None:
-    """Print (and write to PROJECT/reconstruct.sh) commands that reconstruct the poses in RELION, Xmipp or cryoSPARC.
-
-    deepalign reconstruct-args demo --program all
-    deepalign reconstruct-args demo --star demo/consensus/consensus.star --slurm --partition cpu
-    """
+def _check_options(program: str, slurm: bool, partition: str | None, gres: str | None) -> None:
+    """Refuse an unknown --program, and SLURM resources without --slurm."""
     if program not in PROGRAMS:
         raise DeepAlignError(f"--program {program}: must be one of {', '.join(PROGRAMS)}")
     if not slurm and (partition or gres):
         raise DeepAlignError("--partition/--gres: only used with --slurm; add --slurm")
-    proj = Project.open(project)
-    root = proj.root
+
+
+def _particles_star(project: Path, root: Path, star: Path | None) -> Path:
+    """The STAR to reconstruct (absolute): --star, else PROJECT/align/aligned.star, which must exist."""
     if star is None:
         star = root / "align" / "aligned.star"
         if not star.is_file():
             raise DeepAlignError(f"{star}: not found; run deepalign align {project} first (or pass --star)")
-    star = Path(star).resolve()
-    table = read_particles(star)
-    get_poses(table, hint="reconstruction needs the aligned poses")
+    return Path(star).resolve()
+
+
+def _symmetry_name(sym: str | None, proj: Project) -> str:
+    """Canonical point-group name: --sym, else the project's regions.symmetry, else C1."""
     sym_name = sym if sym is not None else (proj.stage_config("regions") or {}).get("symmetry", "C1")
     try:
-        sym_name = canonical_name(sym_name)
+        return canonical_name(sym_name)
     except UnknownSymmetry:
         raise DeepAlignError(f"--sym {sym_name}: unknown symmetry (RELION names: C1, Cn, Dn, T, O, I1, I2)")
-    angpix = None
-    if table.optics is None or "rlnImagePixelSize" not in table.optics:
-        angpix = proj.pixel_size_ang
-        if angpix is None:
-            raise DeepAlignError(f"{star}: no pixel size in data_optics and none recorded in {proj.yaml_path}")
-    base = image_base_dir(table)
 
-    lines = ["#!/usr/bin/env bash"]
-    if slurm:
-        lines += _slurm_header(root, partition, gres)
-    lines += [
-        f"# written by: deepalign reconstruct-args {project} --program {program} (particles: {star}, symmetry {sym_name})",
+
+def _pixel_size_override(table: ParticleTable, star: Path, proj: Project) -> float | None:
+    """None when the STAR's optics hold a pixel size, else the project's (an error when neither has one)."""
+    if table.optics is not None and "rlnImagePixelSize" in table.optics:
+        return None
+    angpix = proj.pixel_size_ang
+    if angpix is None:
+        raise DeepAlignError(f"{star}: no pixel size in data_optics and none recorded in {proj.yaml_path}")
+    return angpix
+
+
+def _build_script(table: ParticleTable, star: Path, sym_name: str, root: Path, angpix: float | None, program: str,
+                  header: list[str]) -> tuple[str, ParticleTable | None, dict[Path, ParticleTable]]:
+    """The script text (header + one section per program), the RELION halves table and the Xmipp .xmd files."""
+    base = image_base_dir(table)
+    lines = header + [
         "set -euo pipefail",
         "# relative image names (rlnImageName) resolve from this folder",
         f"cd {_q(base)}",
@@ -214,8 +211,11 @@ def command(
         lines += xmipp_lines + [""]
     if program in ("cryosparc", "all"):
         lines += _cryosparc_section(table, star, base, sym_name) + [""]
-    script = "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines).rstrip() + "\n", halves, xmds
 
+
+def _write_outputs(root: Path, script: str, halves: ParticleTable | None, xmds: dict[Path, ParticleTable], angpix: float | None) -> None:
+    """Write the halves STAR and the .xmd files the script reads, then PROJECT/reconstruct.sh."""
     if halves is not None:
         write_particles(root / HALVES_STAR, halves, pixel_size_ang=angpix)
     if xmds:
@@ -224,5 +224,34 @@ def command(
         for path, sub in xmds.items():
             write_xmd(path, sub)
     write_text_atomic(root / SCRIPT_NAME, script)
+
+
+def command(
+    project: Annotated[Path, typer.Argument(help="deepalign project folder")],
+    program: Annotated[str, typer.Option("--program", help="relion, xmipp, cryosparc or all")] = "relion",
+    star: Annotated[Optional[Path], typer.Option("--star", help="particles to reconstruct (default: PROJECT/align/aligned.star)")] = None,
+    sym: Annotated[Optional[str], typer.Option("--sym", help="point group (default: the project regions.symmetry, else C1)")] = None,
+    slurm: Annotated[bool, typer.Option("--slurm", help="add #SBATCH lines so the script can be submitted with sbatch")] = False,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="SLURM partition (with --slurm)")] = None,
+    gres: Annotated[Optional[str], typer.Option("--gres", help="SLURM generic resources, e.g. gpu:1 (with --slurm)")] = None,
+) -> None:
+    """Print (and write to PROJECT/reconstruct.sh) commands that reconstruct the poses in RELION, Xmipp or cryoSPARC.
+
+    deepalign reconstruct-args demo --program all
+    deepalign reconstruct-args demo --star demo/consensus/consensus.star --slurm --partition cpu
+    """
+    _check_options(program, slurm, partition, gres)
+    proj = Project.open(project)
+    root = proj.root
+    star = _particles_star(project, root, star)
+    table = read_particles(star)
+    get_poses(table, hint="reconstruction needs the aligned poses")
+    sym_name = _symmetry_name(sym, proj)
+    angpix = _pixel_size_override(table, star, proj)
+
+    header = ["#!/usr/bin/env bash", *(_slurm_header(root, partition, gres) if slurm else []),
+              f"# written by: deepalign reconstruct-args {project} --program {program} (particles: {star}, symmetry {sym_name})"]
+    script, halves, xmds = _build_script(table, star, sym_name, root, angpix, program, header)
+    _write_outputs(root, script, halves, xmds, angpix)
     typer.echo(script, nl=False)
     typer.echo(f"wrote {root / SCRIPT_NAME}" + (f" (submit with: sbatch {root / SCRIPT_NAME})" if slurm else ""), err=True)

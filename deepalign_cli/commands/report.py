@@ -42,49 +42,58 @@ def _matched(est_table, truth_table):
     return i_est, i_true
 
 
-def command(
-    project: Path = PROJECT_ARG,
-    truth: Path = typer.Option(None, "--truth", help="STAR with the true poses (default: PROJECT/simulated/truth.star)", show_default=False),
-) -> None:
-    """Accuracy and timing report of a project (optionally against the truth)."""
+def _truth_path(root: Path, truth: Path | None) -> Path | None:
+    """--truth, else PROJECT/simulated/truth.star when it exists, else None."""
+    return truth or (root / "simulated" / "truth.star" if (root / "simulated" / "truth.star").exists() else None)
+
+
+def _region_geometry(proj: Project):
+    """The project's symmetry operators, canonical symmetry name and region centres (defaults: 30°, C1)."""
     from ..core import regions as regions_core
 
-    proj = Project.open(project)
-    root = proj.root
-    truth = truth or (root / "simulated" / "truth.star" if (root / "simulated" / "truth.star").exists() else None)
     reg = proj.stage_config("regions") or {"spacing_deg": 30.0, "symmetry": "C1"}
     ops, sym = operators_for(reg["symmetry"])
     centres = regions_core.region_centres(reg["spacing_deg"], ops)
-    rep: dict = {"project": str(root), "truth": str(truth) if truth else None, "symmetry": sym, "n_regions": int(len(centres))}
+    return ops, sym, centres
 
-    truth_table = star.read_particles(truth) if truth else None
-    if truth_table is not None:
-        e_true, o_true = star.get_poses(truth_table, hint="--truth needs poses")
-    # predict: region hit rate on held-out particles
+
+def _held_out(root: Path, pred, i_pred) -> np.ndarray:
+    """Mask of the matched predicted particles that are not in the labelled subset."""
+    held = np.ones(len(i_pred), bool)
+    labels = root / "label" / "labels.star"
+    if labels.exists():
+        lab_names = star.image_names(star.read_particles(labels))
+        _, (i_lab_pred, _), _ = match_by_name([np.asarray(star.image_names(pred))[i_pred], lab_names])
+        held[i_lab_pred] = False
+    return held
+
+
+def _predict_section(root: Path, truth_table, e_true, centres, ops) -> dict | None:
+    """Region hit rate of predict on held-out particles (+ that of the regions it kept); None without predict."""
     probs_path = root / "predict" / "probabilities.npy"
-    if truth_table is not None and probs_path.exists():
-        pred = star.read_particles(root / "predict" / "predictions.star")
-        i_pred, i_true = _matched(pred, truth_table)
-        probs = np.load(probs_path)[i_pred]
-        true_reg = evaluation.true_regions(e_true[i_true], centres, ops)
-        held = np.ones(len(i_pred), bool)
-        labels = root / "label" / "labels.star"
-        if labels.exists():
-            lab_names = star.image_names(star.read_particles(labels))
-            _, (i_lab_pred, _), _ = match_by_name([np.asarray(star.image_names(pred))[i_pred], lab_names])
-            held[i_lab_pred] = False
-        rep["predict"] = {"held_out": int(held.sum()), "hit_rate": evaluation.region_hit_rates(probs[held], true_reg[held]),
-                          "chance_top1": 1.0 / len(centres)}
-        if "rlnDeepAlignRegions" in pred.particles:  # the regions predict kept (its rule: top-k, cumulative p or coverage)
-            kept = region_lists(pred.particles["rlnDeepAlignRegions"].iloc[i_pred])
-            in_kept = np.array([t in k for t, k in zip(true_reg, kept)])
-            rep["predict"]["kept_hit_rate"] = float(in_kept[held].mean()) if held.any() else None
-            rep["predict"]["mean_regions_kept"] = float(np.mean([len(k) for k, h in zip(kept, held) if h])) if held.any() else None
-    # aligned sets: angular error
-    curves = {}
+    if not probs_path.exists():
+        return None
+    pred = star.read_particles(root / "predict" / "predictions.star")
+    i_pred, i_true = _matched(pred, truth_table)
+    probs = np.load(probs_path)[i_pred]
+    true_reg = evaluation.true_regions(e_true[i_true], centres, ops)
+    held = _held_out(root, pred, i_pred)
+    section = {"held_out": int(held.sum()), "hit_rate": evaluation.region_hit_rates(probs[held], true_reg[held]),
+               "chance_top1": 1.0 / len(centres)}
+    if "rlnDeepAlignRegions" in pred.particles:  # the regions predict kept (its rule: top-k, cumulative p or coverage)
+        kept = region_lists(pred.particles["rlnDeepAlignRegions"].iloc[i_pred])
+        in_kept = np.array([t in k for t, k in zip(true_reg, kept)])
+        section["kept_hit_rate"] = float(in_kept[held].mean()) if held.any() else None
+        section["mean_regions_kept"] = float(np.mean([len(k) for k, h in zip(kept, held) if h])) if held.any() else None
+    return section
+
+
+def _align_section(root: Path, truth_table, e_true, o_true, ops) -> tuple[dict, dict]:
+    """Angular and shift error of every aligned set present, and each set's angular errors (for the plot)."""
+    section, curves = {}, {}
     for label, rel in ALIGNED_SETS.items():
         path = root / rel
-        if truth_table is None or not path.exists():
+        if not path.exists():
             continue
         est = star.read_particles(path)
         i_est, i_true = _matched(est, truth_table)
@@ -93,20 +102,55 @@ def command(
         pix = star.pixel_size(truth_table)
         sh = evaluation.shift_error_px(o_est[i_est], o_true[i_true], pix)
         curves[label] = s.pop("errors_deg")
-        rep.setdefault("align", {})[label] = {**s, "median_shift_error_px": float(np.median(sh))}
-    # reconstructions
-    for summ in sorted((root / "reconstruct").glob("*/summary.json")) if (root / "reconstruct").exists() else []:
-        rep.setdefault("reconstruct", {})[summ.parent.name] = json.loads(summ.read_text())
-    rep["stages"] = {k: {"seconds": v.get("seconds"), "done": v.get("done")} for k, v in proj.state.get("stages", {}).items()}
-    rep["total_seconds"] = float(sum(v["seconds"] or 0 for v in rep["stages"].values()))
+        section[label] = {**s, "median_shift_error_px": float(np.median(sh))}
+    return section, curves
 
-    out = root / "report"
+
+def _reconstruct_section(root: Path) -> dict:
+    """Each reconstruction's summary.json, by name."""
+    summaries = sorted((root / "reconstruct").glob("*/summary.json")) if (root / "reconstruct").exists() else []
+    return {summ.parent.name: json.loads(summ.read_text()) for summ in summaries}
+
+
+def _write_report(out: Path, rep: dict, curves: dict, sym: str) -> None:
+    """Write report.json, report.md and (with aligned sets) errors.png into `out`."""
     out.mkdir(exist_ok=True)
     md = _markdown(rep)
     if curves:
         plots.cumulative_errors(out / "errors.png", curves, f"angular error vs truth ({sym})")
     write_text_atomic(out / "report.json", json.dumps(rep, indent=1, default=float))
     write_text_atomic(out / "report.md", md)
+
+
+def command(
+    project: Path = PROJECT_ARG,
+    truth: Path = typer.Option(None, "--truth", help="STAR with the true poses (default: PROJECT/simulated/truth.star)", show_default=False),
+) -> None:
+    """Accuracy and timing report of a project (optionally against the truth)."""
+    proj = Project.open(project)
+    root = proj.root
+    truth = _truth_path(root, truth)
+    ops, sym, centres = _region_geometry(proj)
+    rep: dict = {"project": str(root), "truth": str(truth) if truth else None, "symmetry": sym, "n_regions": int(len(centres))}
+
+    curves = {}
+    if truth:
+        truth_table = star.read_particles(truth)
+        e_true, o_true = star.get_poses(truth_table, hint="--truth needs poses")
+        predict = _predict_section(root, truth_table, e_true, centres, ops)
+        if predict is not None:
+            rep["predict"] = predict
+        align, curves = _align_section(root, truth_table, e_true, o_true, ops)
+        if align:
+            rep["align"] = align
+    reconstruct = _reconstruct_section(root)
+    if reconstruct:
+        rep["reconstruct"] = reconstruct
+    rep["stages"] = {k: {"seconds": v.get("seconds"), "done": v.get("done")} for k, v in proj.state.get("stages", {}).items()}
+    rep["total_seconds"] = float(sum(v["seconds"] or 0 for v in rep["stages"].values()))
+
+    out = root / "report"
+    _write_report(out, rep, curves, sym)
     _print(rep)
     console.print(f"report → {out}/report.md" + (", errors.png" if curves else ""))
 
