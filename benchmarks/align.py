@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import best_seconds, matmul_flops, write_result, xla_cost  # noqa: E402
 
-from deepalign_cli.core import ctf, gallery, geometry, preprocess, projector, regions, search, symmetry  # noqa: E402
+from deepalign_cli.core import ctf, gallery, geometry, preprocess, projector, regions, score, search, symmetry  # noqa: E402
 
 MAP = Path(os.environ.get("DEEPALIGN_DATA", "/work/shared/data")) / "ribosome70S_65.mrc"
 PIXEL_ANG = 5.0
@@ -135,7 +135,7 @@ def _gallery_bound(cands, centres, ops, step_deg):
 def _coarse_flops(vol_ft, box, pixel, opts, n_refs, b):
     """(FLOP per call from XLA's cost analysis, measured seconds per call) of the coarse program
     for b particles against n_refs cached references (one reference chunk)."""
-    band = search.fourier_band(box, pixel, opts["lowpass_resolution_ang"])
+    band = score.fourier_band(box, pixel, opts["lowpass_resolution_ang"])
     k = int(band.flat_index.shape[0])
     shifts = jnp.asarray(search.shift_disc(opts["max_shift_px"]))
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from deepalign_cli.core import gallery, geometry, preprocess, projector, regions, search, symmetry
+from deepalign_cli.core import gallery, geometry, preprocess, projector, regions, score, search, symmetry
 from deepalign_cli.core.ctf import ctf_2d
 
 MAP = "/work/shared/data/ribosome70S_65.mrc"
@@ -175,9 +175,9 @@ def test_restricted_search_returns_the_exhaustive_pose(vol_ft):
 
 def test_band_references_equal_projector_slices(vol_ft):
     rotmats = geometry.eulers_to_matrices(np.array([[10.0, 80.0, 30.0], [200.0, 5.0, -90.0]])).astype(np.float32)
-    band = search.fourier_band(BOX, PIXEL)  # up to Nyquist, including the kx = -N/2 column
+    band = score.fourier_band(BOX, PIXEL)  # up to Nyquist, including the kx = -N/2 column
     full = np.asarray(projector.project_ft(vol_ft, rotmats)).reshape(2, -1)[:, np.asarray(band.flat_index)]
-    np.testing.assert_allclose(np.asarray(search.band_projections(vol_ft, band, rotmats)), full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    np.testing.assert_allclose(np.asarray(score.band_projections(vol_ft, band, rotmats)), full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
 
 
 def test_table_cache_projects_once_per_run_and_changes_no_pose(vol_ft):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from deepalign_cli.config import TrainConfig
-from deepalign_cli.core import cnn, coverage, inference, models, polar, split, training
+from deepalign_cli.core import cnn, coverage, inference, models, split, training
 from deepalign_cli.io import checkpoints as ckpt
 from deepalign_cli.errors import DeepAlignError
 

@@ -163,7 +163,7 @@ def _markdown(rep: dict) -> str:
         lines += [f"| {k} | {v:.3f} |" for k, v in p["hit_rate"].items()]
         if p.get("kept_hit_rate") is not None:
             lines.append(f"| regions kept by predict ({p['mean_regions_kept']:.2f} per particle) | {p['kept_hit_rate']:.3f} |")
-        lines += [f"", f"{p['held_out']} held-out particles; chance top-1 = {p['chance_top1']:.3f}", ""]
+        lines += ["", f"{p['held_out']} held-out particles; chance top-1 = {p['chance_top1']:.3f}", ""]
     if "align" in rep:
         lines += ["## angular error vs truth", "", "| set | n | median (°) | 90th pct (°) | ≤ 5° | ≤ 10° | median shift error (px) |", "|---|---|---|---|---|---|---|"]
         for k, s in rep["align"].items():

@@ -110,7 +110,7 @@ def _merge_script(stage: str, logs: Path, partition: str | None, stage_cmd: str)
         "#!/usr/bin/env bash",
         f"#SBATCH --job-name=deepalign-{stage}-merge",
         f"#SBATCH --output={logs}/{stage}_merge_%j.out",
-        f"#SBATCH --time=01:00:00", f"#SBATCH --cpus-per-task=1", f"#SBATCH --mem=8G",
+        "#SBATCH --time=01:00:00", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=8G",
         *( [f"#SBATCH --partition={partition}"] if partition else [] ),
         "set -euo pipefail",
         f"cd {shlex.quote(str(Path.cwd()))}",

@@ -1,17 +1,7 @@
 """Restricted correlation search (`align`): rot, tilt, psi and shifts of every particle against
 projections of a reference map, only inside the particle's candidate regions.
 
-Score. The normalised cross-correlation between the particle image I and the CTF-modulated
-reference projection R at pose A, after translating the particle by +s (which re-centres it, so s
-is the RELION origin):
-
-    NCC(A, s) = Σ_k w_k Re[ conj(CTF_k R_k(A)) · I_k e^{-2πi k·s/N} ]
-                / ( sqrt(Σ_k w_k |I_k|²) · sqrt(Σ_k w_k CTF_k² |R_k(A)|²) )
-
-summed over the Fourier "band" 0 < |k| ≤ k_max (no DC, so image offsets do not matter; k_max from
-the reference low-pass, Nyquist by default) on the rfft half plane with Hermitian weights w_k
-(1 on the self-conjugate columns kx = 0 and kx = N/2, 2 elsewhere), which equals the real-space
-correlation of the band-passed images.
+Score: the normalised cross-correlation of `core.score` (its module docstring).
 
 Shifts by one matrix product instead of one FFT per pair. For a fixed particle, the numerator at
 every shift s of a disc (|s| ≤ max_shift) is a dot product between the reference vector
@@ -74,11 +64,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ctf as ctf_mod
 from . import devices
 from .gallery import region_gallery_indices, region_gallery_masks, sphere_lattice
 from .geometry import direction_to_angles, euler_to_matrix, matrix_to_euler
-from .projector import VolumeFT, sample_slices
+from .projector import VolumeFT
+from .score import (NORM_EPS, FourierBand, fourier_band, particle_ctfs, particle_features, phases,
+                    pose_scores, reference_table, weighted_refs)
 from .regions import assign_regions
 
 REFINE_PASSES = 3  # refinement passes; pass p searches ±step/2^p, ±psi_step/2^p, ±1/2^p px
@@ -90,7 +81,6 @@ MAX_PARTICLE_CHUNK = 256
 # for a handful of particles, and the unit covers all their candidate directions
 # (measured: benchmarks/RESULTS.md, "align's small-remainder rule").
 RESTRICTED_MIN_FRACTION = 0.05
-NORM_EPS = 1e-12
 # transient arrays of one reference/refinement projection, in units of one (N, N) complex64 image
 PROJECTION_WORK_FACTOR = 6
 MAX_TABLE_CHUNK = 1024  # poses projected per reference-table call
@@ -104,47 +94,6 @@ COARSE_CHUNK_ACCEL = 256  # the same on accelerators; measured: benchmarks/RESUL
 def coarse_chunk() -> int:
     """Particles per coarse GEMM on this backend (`COARSE_CHUNK` on CPU, else `COARSE_CHUNK_ACCEL`)."""
     return COARSE_CHUNK if jax.default_backend() == "cpu" else COARSE_CHUNK_ACCEL
-
-
-@partial(jax.tree_util.register_dataclass, data_fields=["flat_index", "kx", "ky", "sqrt_weight"], meta_fields=["box"])
-@dataclasses.dataclass(frozen=True)
-class FourierBand:
-    """Fourier coefficients used by the score (a JAX pytree; ``box`` static).
-
-    flat_index: (K,) int32 index into a flattened (N, N) unshifted full FFT.
-    kx, ky: (K,) float32 integer frequencies (cycles per box), signed as ``np.fft.fftfreq · N``.
-    sqrt_weight: (K,) float32 square root of the Hermitian weight (1 or 2).
-    """
-
-    flat_index: jax.Array
-    kx: jax.Array
-    ky: jax.Array
-    sqrt_weight: jax.Array
-    box: int
-
-
-def fourier_band(box: int, pixel_size_ang: float, lowpass_resolution_ang: float | None = None) -> FourierBand:
-    """Half-plane coefficients with 0 < |k| ≤ k_max, k_max = N·pixel/resolution (≤ N/2, Nyquist).
-
-    box: N px.  pixel_size_ang: Å/px.  lowpass_resolution_ang: Å, None → Nyquist.
-    """
-    k_max = box / 2.0
-    if lowpass_resolution_ang is not None:
-        k_max = min(k_max, box * pixel_size_ang / lowpass_resolution_ang)
-    kfull = np.fft.fftfreq(box) * box
-    ky, kx = np.meshgrid(kfull, kfull[: box // 2 + 1], indexing="ij")
-    r2 = kx**2 + ky**2
-    sel = (r2 > 0) & (r2 <= k_max**2)
-    rows, cols = np.nonzero(sel)
-    self_conj = (kx[sel] == 0) | ((box % 2 == 0) & (np.abs(kx[sel]) == box // 2))  # -N/2 in fftfreq
-    weight = np.where(self_conj, 1.0, 2.0)
-    return FourierBand(
-        jnp.asarray(rows * box + cols, jnp.int32),
-        jnp.asarray(kx[sel], jnp.float32),
-        jnp.asarray(ky[sel], jnp.float32),
-        jnp.asarray(np.sqrt(weight), jnp.float32),
-        box,
-    )
 
 
 def shift_disc(max_shift_px: float) -> np.ndarray:
@@ -189,31 +138,6 @@ def chunk_sizes(box: int, n_coeffs: int, n_shifts: int, n_refs: int, memory_budg
     return particle_chunk, ref_chunk
 
 
-def _band_values(band: FourierBand, arrays):
-    """(n, N, N) full-FFT arrays → (n, K) band coefficients."""
-    n = arrays.shape[0]
-    return arrays.reshape(n, -1)[:, band.flat_index]
-
-
-def _phases(band: FourierBand, shifts):
-    """e^{-2πi k·s/N} for shifts (..., 2) → (..., K) complex64 (translates content by +s)."""
-    arg = shifts[..., 0:1] * band.kx + shifts[..., 1:2] * band.ky
-    return jnp.exp((-2j * jnp.pi / band.box) * arg).astype(jnp.complex64)
-
-
-def band_projections(vol_ft: VolumeFT, band: FourierBand, rotmats):
-    """Band coefficients (n, K) complex64 of the projections at poses (n, 3, 3): the same values as
-    ``project_ft(vol_ft, rotmats)`` gathered at ``band.flat_index``, but only the K band samples
-    are interpolated (``projector.sample_slices``)."""
-    vals = sample_slices(vol_ft, rotmats, band.kx, band.ky)
-    return vals * _phases(band, jnp.full((2,), float(vol_ft.box // 2)))  # image centre at N//2
-
-
-def _weighted_refs(vol_ft, band, rotmats):
-    """(n, 3, 3) poses → (n, K) complex band coefficients of the projections, × sqrt(w)."""
-    return band_projections(vol_ft, band, rotmats) * band.sqrt_weight
-
-
 def _axis_rotation(axis: int, angle_rad):
     """Right-handed rotation matrices (..., 3, 3) about coordinate axis 0/1/2 (x/y/z)."""
     angle_rad = jnp.asarray(angle_rad, jnp.float32)
@@ -226,24 +150,6 @@ def _axis_rotation(axis: int, angle_rad):
 _SHIFT_OFFSETS = np.array([(x, y) for y in (-1, 0, 1) for x in (-1, 0, 1)], np.float32)  # (9, 2)
 
 
-@jax.jit
-def particle_features(images, ctfs, band: FourierBand):
-    """Score-side vectors of a chunk of particles: (CTF·√w·Î (b, K) complex, CTF² (b, K), ‖√w·Î‖ (b,)).
-
-    images: (b, N, N) float32.  ctfs: (b, N, N) float32 on the unshifted grid (ones: no CTF).
-    """
-    f = _band_values(band, jnp.fft.fft2(images.astype(jnp.float32))) * band.sqrt_weight
-    c = _band_values(band, ctfs.astype(jnp.float32))
-    return c * f, c * c, jnp.sqrt(jnp.sum(jnp.abs(f) ** 2, axis=-1))
-
-
-@jax.jit
-def reference_table(vol_ft: VolumeFT, band: FourierBand, rotmats):
-    """Cached references of poses (r, 3, 3): ([Re, Im] of √w·R (r, 2K) float32, w·|R|² (r, K))."""
-    rw = _weighted_refs(vol_ft, band, rotmats)
-    return jnp.concatenate([rw.real, rw.imag], axis=-1), jnp.abs(rw) ** 2
-
-
 def _coarse(cf, c2, inorm, chunk_refs, pose_mask, first_chunk, n_ref_chunks, band, shifts_px):
     """Best (score, reference index, shift index) over the n_ref_chunks reference chunks that start
     at chunk first_chunk (the index counts rows from the first row of chunk 0).
@@ -251,7 +157,7 @@ def _coarse(cf, c2, inorm, chunk_refs, pose_mask, first_chunk, n_ref_chunks, ban
     chunk_refs(ci) → ([Re, Im] (r_c, 2K), power (r_c, K)). The max over shifts is taken on the raw
     correlation (the normaliser does not depend on the shift), then normalised per reference."""
     b = cf.shape[0]
-    j = cf[:, None, :] * _phases(band, shifts_px)[None]  # (b, S, K)
+    j = cf[:, None, :] * phases(band, shifts_px)[None]  # (b, S, K)
     j = jnp.concatenate([j.real, j.imag], axis=-1).reshape(b * shifts_px.shape[0], -1)  # (b·S, 2K)
     r_c = pose_mask.shape[1]
 
@@ -295,13 +201,6 @@ def coarse_search_projected(vol_ft: VolumeFT, cf, c2, inorm, poses, pose_mask, n
     return _coarse(cf, c2, inorm, lambda ci: reference_table(vol_ft, band, poses[ci]), pose_mask, 0, n_ref_chunks, band, shifts_px)
 
 
-def _ncc(jj, rws, c2, inorm):
-    """Scores (b, a, 9) of references rws (b, a, K) against shifted particles jj (b, 9, K)."""
-    cc = jnp.einsum("bqk,bak->baq", jj, jnp.conj(rws)).real
-    rnorm = jnp.sqrt(jnp.einsum("bk,bak->ba", c2, jnp.abs(rws) ** 2))
-    return cc / (inorm[:, None, None] * rnorm[:, :, None] + NORM_EPS)
-
-
 @partial(jax.jit, static_argnames=("refine_passes",))
 def refine_poses(vol_ft: VolumeFT, cf, c2, inorm, rotmats, origins_px, band: FourierBand,
                  angular_step_deg, psi_step_deg, refine_passes: int = REFINE_PASSES):
@@ -315,18 +214,18 @@ def refine_poses(vol_ft: VolumeFT, cf, c2, inorm, rotmats, origins_px, band: Fou
     """
     b = cf.shape[0]
     rot, origin = rotmats.astype(jnp.float32), origins_px.astype(jnp.float32)
-    cur = _weighted_refs(vol_ft, band, rot)  # (b, K)
-    best = _ncc(cf[:, None, :] * _phases(band, origin)[:, None, :], cur[:, None], c2, inorm)[:, 0, 0]
+    cur = weighted_refs(vol_ft, band, rot)  # (b, K)
+    best = pose_scores(cf[:, None, :] * phases(band, origin)[:, None, :], cur[:, None], c2, inorm)[:, 0, 0]
     for p in range(refine_passes):
         scale = 0.5 ** (p + 1)
         cand_shift = origin[:, None, :] + scale * _SHIFT_OFFSETS[None]  # (b, 9, 2)
-        jj = cf[:, None, :] * _phases(band, cand_shift)  # (b, 9, K)
+        jj = cf[:, None, :] * phases(band, cand_shift)  # (b, 9, K)
         for axis, step in ((0, angular_step_deg), (1, angular_step_deg), (2, psi_step_deg)):
             h = jnp.deg2rad(step) * scale
             local = _axis_rotation(axis, jnp.stack([h, -h]))  # (2, 3, 3)
             cand = jnp.einsum("jik,bkl->bjil", local, rot)  # (b, 2, 3, 3)
-            rws = jnp.concatenate([cur[:, None], _weighted_refs(vol_ft, band, cand.reshape(-1, 3, 3)).reshape(b, 2, -1)], axis=1)
-            ncc = _ncc(jj, rws, c2, inorm).reshape(b, -1)  # (b, 3·9), current pose first
+            rws = jnp.concatenate([cur[:, None], weighted_refs(vol_ft, band, cand.reshape(-1, 3, 3)).reshape(b, 2, -1)], axis=1)
+            ncc = pose_scores(jj, rws, c2, inorm).reshape(b, -1)  # (b, 3·9), current pose first
             arg = jnp.argmax(ncc, axis=-1)
             best = jnp.take_along_axis(ncc, arg[:, None], axis=-1)[:, 0]
             a, q = arg // 9, arg % 9
@@ -388,29 +287,6 @@ def _binary_pieces(n: int, cap: int) -> list[int]:
 
 def _power_of_two_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _ctf_chunk(ctf_params: Mapping | None, idx: np.ndarray, box: int, pixel_size_ang: float):
-    """(b, N, N) CTFs of the particles idx (ones without CTF)."""
-    if ctf_params is None:
-        return jnp.ones((len(idx), box, box), jnp.float32)
-
-    def pick(key, default=0.0):
-        v = np.asarray(ctf_params.get(key, default), np.float32)
-        return v[idx] if v.ndim else v
-
-    return ctf_mod.ctf_2d(
-        box,
-        pixel_size_ang,
-        pick("defocus_u_ang"),
-        pick("defocus_v_ang"),
-        pick("defocus_angle_deg"),
-        pick("voltage_kv"),
-        pick("cs_mm"),
-        pick("amplitude_contrast"),
-        pick("bfactor_ang2"),
-        pick("phase_shift_deg"),
-    )
 
 
 @jax.jit
@@ -695,7 +571,7 @@ def _block_features(ctx: _Context, images, ids: np.ndarray, feat_chunk: int, ctf
         idx = ids[s : s + feat_chunk]
         fill = np.concatenate([idx, np.full(feat_chunk - len(idx), idx[0])])
         imgs = jnp.asarray(np.stack([np.asarray(images[i], np.float32) for i in fill]))
-        out = ctx.prog.features(ctx.shard(imgs), ctx.shard(_ctf_chunk(ctf_params, fill, ctx.vol_ft.box, pixel_size_ang)), ctx.band)
+        out = ctx.prog.features(ctx.shard(imgs), ctx.shard(particle_ctfs(ctf_params, fill, ctx.vol_ft.box, pixel_size_ang)), ctx.band)
         feats.append(tuple(ctx.rep(q) for q in out))
     return tuple(jnp.concatenate([f[i] for f in feats])[: len(ids)] for i in range(3))
 
