@@ -131,6 +131,20 @@ class ReconstructConfig(_Stage):
     seed: int = 0
 
 
+class RefineConfig(_Stage):
+    """`deepalign refine`: gold-standard local refinement to the data's resolution (core/refinement.py)."""
+
+    iterations: int = Field(8, gt=0, description="most iterations; it stops earlier when box, resolution and poses stop changing")
+    join_resolution_ang: float = Field(40.0, gt=0, description="the two half sets share only what is coarser than this (Å)")
+    particle_diameter_ang: float | None = Field(None, gt=0, description="Crowther's diameter for the angular step and the default "
+                                                "mask; default: the box size in Å")
+    shift_range_px: float = Field(2.0, ge=0, description="integer shifts searched around each origin (working px), then sub-pixel passes")
+    initial_lowpass_ang: float = Field(30.0, gt=0, description="--reference is low-passed to this for the first iteration (Å)")
+    ctf: bool = True
+    memory_budget_gb: float = Field(4.0, gt=0)
+    seed: int = Field(0, description="the random half split when the input has no rlnRandomSubset")
+
+
 class ConsensusConfig(_Stage):
     """`deepalign consensus`: keep particles whose poses agree."""
 
@@ -149,6 +163,7 @@ class DeepAlignConfig(_Stage):
     predict: PredictConfig = PredictConfig()
     align: AlignConfig = AlignConfig()
     reconstruct: ReconstructConfig = ReconstructConfig()
+    refine: RefineConfig = RefineConfig()
     consensus: ConsensusConfig = ConsensusConfig()
 
 

@@ -36,6 +36,7 @@ STAGES = [
     ("predict", "predict", "Probabilities of every particle for every region; keep the top-k."),
     ("align", "align", "Correlation search inside each particle's top-k regions."),
     ("reconstruct", "reconstruct", "Fourier reconstruction with CTF correction and half-set FSC."),
+    ("refine", "refine", "Gold-standard local refinement of the poses to the data's resolution."),
     ("consensus", "consensus", "Keep particles whose poses from several methods agree."),
     ("reconstruct-args", "reconstruct_args", "Print commands that reconstruct the result in RELION/Xmipp/cryoSPARC."),
     ("report", "report", "Accuracy and timing report of a project (optionally against the truth)."),

@@ -120,3 +120,31 @@ def cumulative_errors(path: Path, curves: dict, title: str) -> Path:
     ax.legend(fontsize=8)
     ax.set_title(title)
     return save(fig, path)
+
+
+def fsc_curve(path: Path, freqs_per_ang: np.ndarray, curve: np.ndarray, resolution_ang: float, title: str, threshold: float = 0.143) -> Path:
+    """Half-map FSC against spatial frequency, with the threshold line and the resolution."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(freqs_per_ang[1:], curve[1:], lw=1.5, color="tab:blue")
+    ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"FSC = {threshold}")
+    ax.axvline(1.0 / resolution_ang, color="tab:gray", ls=":", lw=1, label=f"{resolution_ang:.1f} Å")
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC (half maps)")
+    ax.set_ylim(min(-0.1, float(np.min(curve[1:]))), 1.05)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title)
+    return save(fig, path)
+
+
+def resolution_per_iteration(path: Path, iterations: np.ndarray, resolution_ang: np.ndarray, box_px: np.ndarray, title: str) -> Path:
+    """Half-map resolution (FSC 0.143) per refinement iteration, with the working box of each."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(iterations, resolution_ang, "o-", color="tab:blue", lw=1.5)
+    for i, r, b in zip(iterations, resolution_ang, box_px):
+        ax.annotate(f"{int(b)} px", (i, r), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xlabel("iteration (0: the input poses)")
+    ax.set_ylabel("resolution (Å, FSC 0.143)")
+    ax.set_xticks(iterations)
+    ax.invert_yaxis()
+    ax.set_title(title)
+    return save(fig, path)

@@ -194,7 +194,7 @@ def test_reference_at_another_pixel_size_is_resampled_with_a_notice(project, tmp
     with mrcfile.new(fine) as m:  # the shipped map (no voxel size in its header) at its 5 Å
         m.set_data(mrcfile.read(shipped_map()))
         m.voxel_size = 5.0
-    vol = align_cmd.reference_at_working_geometry(fine, BOX, PIXEL)  # 65 px at 5 Å → 32 px at 10.16 Å
+    vol = _reconstruction.reference_at_working_geometry(fine, BOX, PIXEL)  # 65 px at 5 Å → 32 px at 10.16 Å
     assert "resampled" in capsys.readouterr().err
     np.testing.assert_allclose(vol, mrcfile.read(project / "simulated" / "map.mrc"), atol=1e-4 * np.abs(vol).max())
 

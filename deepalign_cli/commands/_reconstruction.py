@@ -10,12 +10,14 @@ import jax
 import numpy as np
 
 from ..config import PreprocessConfig, ReconstructConfig
-from ..core import reconstruction
+from ..core import preprocess, reconstruction
 from ..errors import DeepAlignError
+from ..io import mrc
 from ..io.project import Project
 from ..particles import ParticleSource
 from ._common import console, progress, stage_config
 
+REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after resampling
 IMAGE_CHUNK_BUDGET_GB = 1.0  # prepared images held at once; the (2N)³ grids come on top
 
 
@@ -72,3 +74,32 @@ def reconstruct_particles(source: ParticleSource, eulers_deg: np.ndarray, origin
     freqs, curve = reconstruction.fsc(half1, half2)
     return {"map": full, "half1": half1, "half2": half2, "freqs": freqs, "fsc": curve,
             "resolution_ang": reconstruction.resolution_at(freqs, curve, pixel)}
+
+
+def reference_at_working_geometry(path: Path, box: int, pixel_ang: float) -> np.ndarray:
+    """A user map brought to the particles' working box and pixel (Fourier crop, then centre crop/pad)."""
+    vol, voxel = mrc.read_map(path)
+    if not voxel:
+        raise DeepAlignError(f"{path}: the header has no voxel size; set it (e.g. relion_image_handler --angpix) to {pixel_ang:g} Å")
+    n_map = vol.shape[0]
+    if voxel > pixel_ang * (1 + REFERENCE_PIXEL_TOLERANCE):
+        raise DeepAlignError(f"{path}: voxel size {voxel:g} Å is coarser than the particles' working pixel {pixel_ang:g} Å; "
+                             f"give a map at ≤ {pixel_ang:g} Å/px or a preprocess.target_resolution_ang ≥ {3 * voxel:g}")
+    n_new = min(n_map, int(round(n_map * voxel / pixel_ang)))
+    resampled = voxel * n_map / n_new
+    if abs(resampled - pixel_ang) > REFERENCE_PIXEL_TOLERANCE * pixel_ang:
+        raise DeepAlignError(f"{path}: {n_map} px at {voxel:g} Å cannot be Fourier-cropped to the working pixel {pixel_ang:g} Å "
+                             f"(nearest: {n_new} px at {resampled:.4g} Å); resample the map to {pixel_ang:g} Å/px first")
+    if (n_new, n_map) != (box, box) or abs(voxel - pixel_ang) > 1e-4 * pixel_ang:
+        console.print(f"[yellow]notice:[/yellow] reference {path.name} ({n_map} px, {voxel:g} Å) resampled to the particles' "
+                      f"working {box} px at {pixel_ang:g} Å (Fourier crop to {n_new} px, then centre {'crop' if n_new > box else 'pad'})")
+    if n_new != n_map:
+        vol = np.asarray(preprocess.fourier_crop_volume(vol, n_new))
+    return preprocess.centre_crop_or_pad_volume(vol, box)
+
+
+def fsc_csv(freqs_per_ang: np.ndarray, curve: np.ndarray) -> str:
+    """fsc.csv text: shell, frequency (1/Å), resolution (Å), FSC."""
+    rows = ["shell,frequency_per_ang,resolution_ang,fsc"]
+    rows += [f"{i},{fa:.6f},{(1 / fa if fa > 0 else float('inf')):.3f},{c:.6f}" for i, (fa, c) in enumerate(zip(freqs_per_ang, curve))]
+    return "\n".join(rows) + "\n"

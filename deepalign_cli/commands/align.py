@@ -53,7 +53,7 @@ from ..config import PreprocessConfig, RegionConfig
 from ..core import gallery, preprocess, projector, regions
 from ..core.search import RESTRICTED_MIN_FRACTION, align_particles
 from ..errors import DeepAlignError
-from ..io import mrc, star
+from ..io import star
 from ..io.atomic import staged_dir, write_text_atomic
 from ..io.chunks import ChunkStore, array_digest
 from ..io.project import Project
@@ -61,10 +61,9 @@ from ..particles import ParticleSource, check_against_project
 from ..regionspec import region_lists
 from ._common import (CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest,
                       stage_config)
-from ._reconstruction import project_preprocess, reconstruct_particles
+from ._reconstruction import project_preprocess, reconstruct_particles, reference_at_working_geometry
 from .symmetry_arg import operators_for
 
-REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after resampling
 SHARDS = "shards"
 RESULT_ARRAYS = ("eulers_deg", "origins_px", "score", "region", "whole_unit")  # one chunk's saved results
 PREDICTIONS_COLUMN = "rlnDeepAlignRegions"
@@ -110,28 +109,6 @@ def candidate_matrix(cands: list[list[int]]) -> np.ndarray:
     """(n, k_max) int: rows of different length are padded with their first region (a set, so no change)."""
     k = max(len(c) for c in cands)
     return np.array([c + [c[0]] * (k - len(c)) for c in cands], int)
-
-
-def reference_at_working_geometry(path: Path, box: int, pixel_ang: float) -> np.ndarray:
-    """A user map brought to the particles' working box and pixel (Fourier crop, then centre crop/pad)."""
-    vol, voxel = mrc.read_map(path)
-    if not voxel:
-        raise DeepAlignError(f"{path}: the header has no voxel size; set it (e.g. relion_image_handler --angpix) to {pixel_ang:g} Å")
-    n_map = vol.shape[0]
-    if voxel > pixel_ang * (1 + REFERENCE_PIXEL_TOLERANCE):
-        raise DeepAlignError(f"{path}: voxel size {voxel:g} Å is coarser than the particles' working pixel {pixel_ang:g} Å; "
-                             f"give a map at ≤ {pixel_ang:g} Å/px or a preprocess.target_resolution_ang ≥ {3 * voxel:g}")
-    n_new = min(n_map, int(round(n_map * voxel / pixel_ang)))
-    resampled = voxel * n_map / n_new
-    if abs(resampled - pixel_ang) > REFERENCE_PIXEL_TOLERANCE * pixel_ang:
-        raise DeepAlignError(f"{path}: {n_map} px at {voxel:g} Å cannot be Fourier-cropped to the working pixel {pixel_ang:g} Å "
-                             f"(nearest: {n_new} px at {resampled:.4g} Å); resample the map to {pixel_ang:g} Å/px first")
-    if (n_new, n_map) != (box, box) or abs(voxel - pixel_ang) > 1e-4 * pixel_ang:
-        console.print(f"[yellow]notice:[/yellow] reference {path.name} ({n_map} px, {voxel:g} Å) resampled to the particles' "
-                      f"working {box} px at {pixel_ang:g} Å (Fourier crop to {n_new} px, then centre {'crop' if n_new > box else 'pad'})")
-    if n_new != n_map:
-        vol = np.asarray(preprocess.fourier_crop_volume(vol, n_new))
-    return preprocess.centre_crop_or_pad_volume(vol, box)
 
 
 def load_reference(proj: Project, path: Path | None, source: ParticleSource, pre: PreprocessConfig, config_path: Path | None):

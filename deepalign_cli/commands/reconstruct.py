@@ -35,25 +35,10 @@ from ..io.particles import read_any
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, console, stage_config
-from ._reconstruction import project_preprocess, reconstruct_particles
+from ._reconstruction import fsc_csv, project_preprocess, reconstruct_particles
 
 DEFAULT_NAME = "aligned"
 STAGE = "reconstruct"
-
-
-def _fsc_png(path: Path, freqs_per_ang: np.ndarray, curve: np.ndarray, resolution_ang: float, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(freqs_per_ang[1:], curve[1:], lw=1.5, color="tab:blue")
-    ax.axhline(reconstruction.FSC_THRESHOLD, color="tab:red", ls="--", lw=1, label=f"FSC = {reconstruction.FSC_THRESHOLD}")
-    ax.axvline(1.0 / resolution_ang, color="tab:gray", ls=":", lw=1, label=f"{resolution_ang:.1f} Å")
-    ax.set_xlabel("spatial frequency (1/Å)")
-    ax.set_ylabel("FSC (half maps)")
-    ax.set_ylim(min(-0.1, float(np.min(curve[1:]))), 1.05)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title)
-    plots.save(fig, path)
 
 
 def command(
@@ -101,10 +86,8 @@ def command(
         mrc.write_map(tmp / "map.mrc", written, pixel)
         mrc.write_map(tmp / "half1.mrc", result["half1"], pixel)
         mrc.write_map(tmp / "half2.mrc", result["half2"], pixel)
-        rows = ["shell,frequency_per_ang,resolution_ang,fsc"]
-        rows += [f"{i},{fa:.6f},{(1 / fa if fa > 0 else float('inf')):.3f},{c:.6f}" for i, (fa, c) in enumerate(zip(freqs_ang, result["fsc"]))]
-        write_text_atomic(tmp / "fsc.csv", "\n".join(rows) + "\n")
-        _fsc_png(tmp / "fsc.png", freqs_ang, result["fsc"], res, f"{name}: {len(table)} particles, {res:.1f} Å at FSC 0.143")
+        write_text_atomic(tmp / "fsc.csv", fsc_csv(freqs_ang, result["fsc"]))
+        plots.fsc_curve(tmp / "fsc.png", freqs_ang, result["fsc"], res, f"{name}: {len(table)} particles, {res:.1f} Å at FSC 0.143")
         write_text_atomic(tmp / "summary.json", json.dumps(summary, indent=2) + "\n")
     proj.mark_done(stage, outputs=[out_dir / f for f in ("map.mrc", "half1.mrc", "half2.mrc", "fsc.csv", "fsc.png", "summary.json")],
                    seconds=t.seconds, config=rec, name=name, resolution_ang=round(res, 3), n_particles=len(table))
