@@ -7,8 +7,10 @@ Examples:
 
 Reports: region hit rate of predict (top-1/2/3 against the truth's regions, held-out particles
 i.e. not in the labelled subset), angular error of every aligned set (align/, align_exhaustive/,
-consensus/) against the truth (median, 90th percentile, % within 5° and 10°, symmetry-aware full
-rotation), shift error, FSC resolution of each reconstruction, and wall time per stage. Writes
+consensus/, and refine/ once refine finished) against the truth (median, 90th percentile, % within 5°
+and 10°, symmetry-aware full rotation), shift error, FSC resolution of each reconstruction, the
+refined set (particles, input → refined gold-standard resolution at FSC 0.143 and 0.5, iterations,
+seconds; from refine/summary.json) when the refine stage finished, and wall time per stage. Writes
 PROJECT/report/report.json, report.md and errors.png (cumulative angular error).
 """
 
@@ -33,6 +35,10 @@ from ._common import PROJECT_ARG, console
 from .symmetry_arg import operators_for
 
 ALIGNED_SETS = {"align": "align/aligned.star", "align --exhaustive": "align_exhaustive/aligned.star", "consensus": "consensus/consensus.star"}
+REFINE_STAGE = "refine"
+REFINED_SET = {"refine": "refine/refined.star"}  # an aligned set too, once the refine stage finished
+REFINE_KEYS = ("from", "n_particles", "half_sizes", "input_resolution_ang", "resolution_ang", "resolution_fsc05_ang", "iterations",
+               "converged", "final_box_px", "final_pixel_ang", "nyquist_ang", "seconds")  # what the report keeps of refine/summary.json
 
 
 def _matched(est_table, truth_table):
@@ -88,10 +94,10 @@ def _predict_section(root: Path, truth_table, e_true, centres, ops) -> dict | No
     return section
 
 
-def _align_section(root: Path, truth_table, e_true, o_true, ops) -> tuple[dict, dict]:
-    """Angular and shift error of every aligned set present, and each set's angular errors (for the plot)."""
+def _align_section(root: Path, truth_table, e_true, o_true, ops, sets: dict = ALIGNED_SETS) -> tuple[dict, dict]:
+    """Angular and shift error of every aligned set present ({label: path in PROJECT}), and each set's angular errors (for the plot)."""
     section, curves = {}, {}
-    for label, rel in ALIGNED_SETS.items():
+    for label, rel in sets.items():
         path = root / rel
         if not path.exists():
             continue
@@ -110,6 +116,25 @@ def _reconstruct_section(root: Path) -> dict:
     """Each reconstruction's summary.json, by name."""
     summaries = sorted((root / "reconstruct").glob("*/summary.json")) if (root / "reconstruct").exists() else []
     return {summ.parent.name: json.loads(summ.read_text()) for summ in summaries}
+
+
+def _refine_section(proj: Project) -> dict | None:
+    """The refined set (REFINE_KEYS of refine/summary.json, else what project.yaml recorded); None unless refine finished."""
+    if not proj.is_done(REFINE_STAGE):
+        return None
+    record = proj.stage(REFINE_STAGE)
+    path = proj.root / "refine" / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    section = {k: summary[k] for k in REFINE_KEYS if k in summary}
+    for k in ("n_particles", "resolution_ang", "iterations", "seconds"):
+        if section.get(k) is None and record.get(k) is not None:
+            section[k] = record[k]
+    first = (summary.get("history") or [{}])[0]
+    if section.get("input_resolution_ang") is not None and first.get("pixel_ang"):
+        # iteration 0 reconstructs at the project's working box: an FSC reaching its Nyquist only bounds the input's resolution
+        section["input_resolution_at_nyquist"] = bool(section["input_resolution_ang"] <= 2 * first["pixel_ang"] * 1.001)
+        section["input_box_px"] = first.get("box_px")
+    return section
 
 
 def _write_report(out: Path, rep: dict, curves: dict, sym: str) -> None:
@@ -134,18 +159,24 @@ def command(
     rep: dict = {"project": str(root), "truth": str(truth) if truth else None, "symmetry": sym, "n_regions": int(len(centres))}
 
     curves = {}
+    refine = _refine_section(proj)
     if truth:
         truth_table = star.read_particles(truth)
         e_true, o_true = star.get_poses(truth_table, hint="--truth needs poses")
         predict = _predict_section(root, truth_table, e_true, centres, ops)
         if predict is not None:
             rep["predict"] = predict
-        align, curves = _align_section(root, truth_table, e_true, o_true, ops)
+        sets = {**ALIGNED_SETS, **REFINED_SET} if refine is not None else ALIGNED_SETS
+        align, curves = _align_section(root, truth_table, e_true, o_true, ops, sets)
         if align:
             rep["align"] = align
+        if refine is not None and "refine" in align:  # refined poses are meant to be finer than 5°: their share within 2° too
+            refine["vs_truth"] = {**align["refine"], "within_2_pct": float(100 * np.mean(curves["refine"] <= 2))}
     reconstruct = _reconstruct_section(root)
     if reconstruct:
         rep["reconstruct"] = reconstruct
+    if refine is not None:
+        rep["refine"] = refine
     rep["stages"] = {k: {"seconds": v.get("seconds"), "done": v.get("done")} for k, v in proj.state.get("stages", {}).items()}
     rep["total_seconds"] = float(sum(v["seconds"] or 0 for v in rep["stages"].values()))
 
@@ -174,10 +205,40 @@ def _markdown(rep: dict) -> str:
         for k, s in rep["reconstruct"].items():
             lines.append(f"| {k} | {s.get('n_particles', '?')} | {s.get('resolution_ang', float('nan')):.1f} |")
         lines.append("")
+    if "refine" in rep:
+        lines += ["## refine (gold-standard local refinement)", "", "| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in _refine_rows(rep["refine"])]
+        lines.append("")
     lines += ["## time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v['seconds'] if v['seconds'] is not None else '—'} |" for k, v in rep["stages"].items()]
     lines += [f"| **total** | {rep['total_seconds']:.1f} |", ""]
     return "\n".join(lines)
+
+
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "?" if value is None else f"{value:{spec}}{unit}"
+
+
+def _refine_rows(r: dict) -> list[tuple[str, str]]:
+    """(label, value) lines of the refined set, for report.md and the terminal."""
+    halves = f" (halves {r['half_sizes'][0]} / {r['half_sizes'][1]})" if r.get("half_sizes") else ""
+    rows = [("particles", f"{_fmt(r.get('n_particles'), 'd')}{halves}"),
+            ("resolution, FSC 0.143: input poses → refined", f"{_fmt(r.get('input_resolution_ang'), '.2f', ' Å')}"
+             + (f" (Nyquist of the {r.get('input_box_px', '?')} px working box: the input may be better)" if r.get("input_resolution_at_nyquist") else "")
+             + f" → {_fmt(r.get('resolution_ang'), '.2f', ' Å')}"),
+            ("resolution, FSC 0.5", _fmt(r.get("resolution_fsc05_ang"), ".2f", " Å"))]
+    if r.get("final_box_px") is not None:
+        rows.append(("final working box", f"{r['final_box_px']} px at {_fmt(r.get('final_pixel_ang'), '.3f', ' Å')} (Nyquist of the particles "
+                                          f"{_fmt(r.get('nyquist_ang'), '.2f', ' Å')})"))
+    converged = {True: " (converged)", False: " (stopped at the iteration limit)"}.get(r.get("converged"), "")
+    rows += [("iterations", f"{_fmt(r.get('iterations'), 'd')}{converged}"), ("seconds", _fmt(r.get("seconds"), ".1f"))]
+    if "vs_truth" in r:
+        s = r["vs_truth"]
+        rows.append(("angular error vs truth", f"median {s['median_deg']:.2f}°, 90th pct {s['p90_deg']:.2f}°, ≤ 2° {s['within_2_pct']:.1f} %, ≤ 5° {s['within_5_pct']:.1f} %, "
+                                               f"≤ 10° {s['within_10_pct']:.1f} %, median shift error {s['median_shift_error_px']:.2f} px"))
+    if r.get("from"):
+        rows.append(("input", str(r["from"])))
+    return rows
 
 
 def _print(rep: dict) -> None:
@@ -201,6 +262,12 @@ def _print(rep: dict) -> None:
         t.add_column("map"); t.add_column("particles", justify="right"); t.add_column("resolution Å", justify="right")
         for k, s in rep["reconstruct"].items():
             t.add_row(k, str(s.get("n_particles", "?")), f"{s.get('resolution_ang', float('nan')):.1f}")
+        console.print(t)
+    if "refine" in rep:
+        t = Table(title="refine (gold standard)", show_header=False)
+        t.add_column("quantity"); t.add_column("value")
+        for k, v in _refine_rows(rep["refine"]):
+            t.add_row(k, v)
         console.print(t)
     t = Table(title="time per stage")
     t.add_column("stage"); t.add_column("seconds", justify="right")
