@@ -15,6 +15,7 @@ $DA predict "$P" --config $CFG                                    # top-2 region
 $DA reconstruct "$P" --from "$P/label/labels.star" --out reference --config $CFG   # the paper's reference: the subset's map
 $DA align "$P" --config $CFG                                      # correlation search inside the top-2 regions
 $DA reconstruct "$P" --config $CFG                                # map + half-map FSC of the aligned particles
+$DA refine "$P" --config $CFG                                     # gold-standard local refinement up to the full 64-px box
 $DA align "$P" --config $CFG --exhaustive                         # second pose set: whole-sphere search (baseline)
 $DA consensus "$P/align/aligned.star" "$P/align_exhaustive/aligned.star" --threshold 5 --project "$P"
 $DA reconstruct-args "$P" --program relion > /dev/null

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -153,3 +154,121 @@ def test_bad_requests_are_one_line_errors(tmp_path, setup, args, fragments):
     assert "\n" not in str(res.exception)
     assert all(f in str(res.exception) for f in fragments)
     assert not (root / "reconstruct.sh").exists()
+
+
+# ---- RELION, last step: relion_refine_mpi continuing from deepalign's poses
+
+from deepalign_cli.commands.reconstruct_args import healpix_order  # noqa: E402
+from deepalign_cli.io.mrc import write_map  # noqa: E402
+
+REFINE_HISTORY_STEPS = (None, 4.7636, 3.6156)  # iteration 0 has no search; the last step is 3.6156° → order 5 (1.875°)
+REFINED_RESOLUTION_ANG = 20.523
+
+
+def _add_refine(root, done=True):
+    """refine/ as `deepalign refine` writes it: refined.star (+ rlnRandomSubset), map.mrc, summary.json."""
+    table = read_particles(root / "align" / "aligned.star")
+    table.particles["rlnRandomSubset"] = 1 + np.arange(len(table)) % 2
+    write_particles(root / "refine" / "refined.star", table)
+    write_map(root / "refine" / "map.mrc", np.zeros((BOX,) * 3, np.float32), PIXEL_ANG)
+    history = [{"iteration": i, "resolution_ang": 25.0} | ({} if s is None else {"angular_step_deg": s}) for i, s in enumerate(REFINE_HISTORY_STEPS)]
+    summary = {"resolution_ang": REFINED_RESOLUTION_ANG, "iterations": len(history) - 1, "history": history}
+    (root / "refine" / "summary.json").write_text(json.dumps(summary))
+    if done:
+        Project.open(root).mark_done("refine", outputs=[root / "refine" / "refined.star"], resolution_ang=REFINED_RESOLUTION_ANG, iterations=2)
+
+
+def _local_refine(script):
+    """The relion_refine_mpi line as {flag: value} (True for a flag without value), and the line above it."""
+    lines = script.splitlines()
+    (k,) = [i for i, ln in enumerate(lines) if "relion_refine_mpi" in ln and not ln.lstrip().startswith("#")]
+    assert lines[k].startswith("  ") and lines[k - 3].startswith('if [[ "${DEEPALIGN_RELION_REFINE:-0}" == 1 ]]') and lines[k + 1] == "fi"
+    words = lines[k].split()
+    assert words[:4] == ["mpirun", "-n", "3", "relion_refine_mpi"]
+    flags, i = {}, 4
+    while i < len(words):
+        takes_value = i + 1 < len(words) and not words[i + 1].startswith("--")
+        flags[words[i]] = words[i + 1] if takes_value else True
+        i += 2 if takes_value else 1
+    return flags, lines[k - 1]
+
+
+@pytest.mark.parametrize("step,order", [(60, 0), (100, 0), (15, 2), (14.9, 3), (10, 3), (7.5, 3), (4.7636, 4), (3.75, 4),
+                                        (3.6156, 5), (1.875, 5), (1.0, 6), (0.9375, 6)])
+def test_healpix_order_is_the_coarsest_sampling_at_most_the_step(step, order):
+    assert healpix_order(step) == order
+
+
+def test_local_refine_without_refine_starts_from_the_aligned_poses_and_the_relion_map(tmp_path):
+    root = _project(tmp_path)
+    res = _run(root)
+    assert res.exit_code == 0, res.output
+    flags, comment = _local_refine((root / "reconstruct.sh").read_text())
+    assert comment.lstrip().startswith("# ")
+    assert flags["--i"] == str(root / "align" / "aligned.star")
+    assert flags["--ref"] == str(root / "reconstruct_relion" / "map.mrc")  # the map the script's relion_reconstruct writes
+    # no summary.json: 7.5° → order 3, sigma 15°; no resolution: 30 Å
+    assert (flags["--healpix_order"], flags["--auto_local_healpix_order"], flags["--sigma_ang"], flags["--ini_high"]) == ("3", "3", "15", "30")
+    assert flags["--particle_diameter"] == f"{BOX * PIXEL_ANG:g}" and flags["--sym"] == "C1"
+    assert {f: flags[f] for f in ("--offset_range", "--offset_step", "--pad", "--o")} == \
+        {"--offset_range": "3", "--offset_step": "1", "--pad": "2", "--o": "Refine3D/deepalign_local/run"}
+    assert all(flags[f] is True for f in ("--auto_refine", "--split_random_halves", "--ctf", "--flatten_solvent", "--zero_mask"))
+    assert "--firstiter_cc" not in flags
+    # align's summary.json gives the step: 4° → order 4 (3.75°), sigma 8°
+    (root / "align" / "summary.json").write_text(json.dumps({"angular_step_deg": 4.0}))
+    flags, _ = _local_refine(_run(root).output)
+    assert (flags["--healpix_order"], flags["--sigma_ang"]) == ("4", "8")
+
+
+def test_local_refine_continues_from_refine_when_it_finished(tmp_path):
+    root = _project(tmp_path, symmetry="C4")
+    (root / "align" / "summary.json").write_text(json.dumps({"angular_step_deg": 10.0}))
+    _add_refine(root, done=False)  # refine/ of an unfinished run: not used
+    flags, _ = _local_refine(_run(root).output)
+    assert flags["--i"] == str(root / "align" / "aligned.star") and flags["--healpix_order"] == "3" and flags["--ini_high"] == "30"
+    _add_refine(root)
+    res = _run(root)
+    assert res.exit_code == 0, res.output
+    script = (root / "reconstruct.sh").read_text()
+    flags, _ = _local_refine(script)
+    assert flags["--i"] == str(root / "refine" / "refined.star") and flags["--ref"] == str(root / "refine" / "map.mrc")
+    assert flags["--ini_high"] == f"{REFINED_RESOLUTION_ANG:g}" and flags["--sym"] == "C4"
+    assert (flags["--healpix_order"], flags["--auto_local_healpix_order"], flags["--sigma_ang"]) == ("5", "5", "7.231")  # 2 × 3.6156°
+    assert not any("refined.star" in ln for ln in _relion_lines(script))  # relion_reconstruct: the aligned poses still
+    # an explicit --star other than refine's: those poses, their map, align's step
+    flags, _ = _local_refine(_run(root, "--star", root / "align" / "aligned.star").output)
+    assert flags["--i"] == str(root / "align" / "aligned.star") and flags["--ref"] == str(root / "reconstruct_relion" / "map.mrc")
+    assert (flags["--healpix_order"], flags["--sigma_ang"], flags["--ini_high"]) == ("3", "20", "30")
+    # refine without align: refine's particles for everything
+    (root / "align" / "aligned.star").unlink()
+    res = _run(root)
+    assert res.exit_code == 0, res.output
+    script = (root / "reconstruct.sh").read_text()
+    assert all(str(root / "refine" / "refined.star") in ln for ln in _relion_lines(script))
+    assert _local_refine(script)[0]["--i"] == str(root / "refine" / "refined.star")
+
+
+def test_local_refine_gets_a_copy_with_the_pixel_size_when_the_star_has_none(tmp_path):
+    import starfile
+
+    root = _project(tmp_path)
+    table = read_particles(root / "align" / "aligned.star")
+    bare = root / "align" / "no_optics.star"
+    starfile.write({"particles": table.particles.drop(columns=["rlnOpticsGroup"])}, bare)
+    res = _run(root, "--star", bare)
+    assert res.exit_code == 0, res.output
+    flags, _ = _local_refine((root / "reconstruct.sh").read_text())
+    copy = root / "reconstruct_local_refine.star"
+    assert flags["--i"] == str(copy) and flags["--particle_diameter"] == f"{BOX * PIXEL_ANG:g}"
+    written = read_particles(copy)
+    assert float(written.optics["rlnImagePixelSize"].iloc[0]) == PIXEL_ANG and len(written) == N_PARTICLES
+
+
+@pytest.mark.skipif(shutil.which("relion_refine") is None, reason="relion_refine not installed")
+def test_local_refine_flags_exist_in_the_installed_relion_refine(tmp_path):
+    root = _project(tmp_path)
+    _add_refine(root)
+    flags, _ = _local_refine(_run(root).output)
+    help_text = subprocess.run(["relion_refine", "--help"], capture_output=True, text=True, timeout=60)
+    known = {w for ln in (help_text.stdout + help_text.stderr).splitlines() for w in ln.split() if w.startswith("--")}
+    assert set(flags) <= known, set(flags) - known

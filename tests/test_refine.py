@@ -105,6 +105,10 @@ def test_converged_needs_a_fixed_box_no_gain_and_small_moves():
     assert not refinement.converged([base, {**base, "resolution_ang": 19.5}])  # 2.5 % better
     assert not refinement.converged([base, {**base, "box_px": 64}])
     assert not refinement.converged([base, {**base, "median_angle_change_deg": 2.0}])
+    at_nyquist = {**base, "box_px": 64, "resolution_ang": 10.3}  # the box grew, but 10.3 Å ≤ 1.03 × 10.16 Å
+    assert refinement.converged([base, at_nyquist], nyquist_ang=10.16)
+    assert not refinement.converged([base, {**at_nyquist, "median_angle_change_deg": 2.0}], nyquist_ang=10.16)
+    assert not refinement.converged([base, {**at_nyquist, "resolution_ang": 10.6}], nyquist_ang=10.16)
 
 
 def test_local_search_recovers_a_turned_and_shifted_pose():

@@ -23,9 +23,10 @@ without align); the symmetry is --sym, else the project's regions.symmetry.
   from 30 Å. The HEALPix order (also --auto_local_healpix_order) is the smallest whose sampling
   (60° / 2^order) is at most the angular step the poses came from (refine's last iteration, else
   align's summary.json, else 7.5°); --sigma_ang is twice that step. Output:
-  Refine3D/deepalign_local/run* under the folder the image names resolve from. A particle STAR
-  without a pixel size in data_optics is copied with it to PROJECT/reconstruct_local_refine.star
-  (relion_refine reads it only from there).
+  Refine3D/deepalign_local/run* under the folder the image names resolve from. It takes hours, so
+  the script runs it only when asked: `DEEPALIGN_RELION_REFINE=1 bash PROJECT/reconstruct.sh`. A
+  particle STAR without a pixel size in data_optics is copied with it to
+  PROJECT/reconstruct_local_refine.star (relion_refine reads it only from there).
 * Xmipp: the particles are converted to PROJECT/reconstruct.xmd (+ _half1/_half2.xmd) by
   deepalign's writer, then `xmipp_reconstruct_fourier --useCTF --sampling` runs on each.
 * cryoSPARC: the import route (Import Particle Stack → Homogeneous Reconstruction Only) as
@@ -80,6 +81,7 @@ DEFAULT_STEP_DEG = 7.5  # the poses' angular step when no summary.json records i
 DEFAULT_INI_HIGH_ANG = 30.0  # relion_refine --ini_high when the resolution of the poses is unknown
 SIGMA_ANG_STEPS = 2.0  # --sigma_ang in angular steps (RELION searches ± 3 sigma around each pose)
 OFFSET_RANGE_PX, OFFSET_STEP_PX = 3, 1
+LOCAL_REFINE_SWITCH = "DEEPALIGN_RELION_REFINE"  # the script runs relion_refine only when this variable is 1
 
 
 def _q(path) -> str:
@@ -190,24 +192,27 @@ def _local_refine(proj: Project, star: Path, star_given: bool, table: ParticleTa
     """relion_refine's inputs: refine's STAR, map and resolution when refine finished and --star is not
     given (or names that STAR), else the particles being reconstructed and their map, from 30 Å."""
     root = proj.root
-    refined_star = root / REFINED_STAR
-    refined = star == refined_star.resolve() or (not star_given and proj.is_done("refine") and refined_star.is_file())
-    copy = None
+    refined_star = (root / REFINED_STAR).resolve()
+    refined = star == refined_star or (not star_given and proj.is_done("refine") and refined_star.is_file())
     if refined:
-        star, table = refined_star.resolve(), (table if star == refined_star.resolve() else read_particles(refined_star))
+        if star != refined_star:
+            star, table = refined_star, read_particles(refined_star)
         ref = root / REFINED_MAP if (root / REFINED_MAP).is_file() else recon_map
         resolution = _positive(_summary(root / "refine" / "summary.json").get("resolution_ang")) or _positive(proj.stage("refine").get("resolution_ang"))
         ini_high = resolution or DEFAULT_INI_HIGH_ANG
     else:
         ref, ini_high = recon_map, DEFAULT_INI_HIGH_ANG
-    if table.optics is None or "rlnImagePixelSize" not in table.optics:  # relion_refine reads the pixel size only from data_optics
-        if angpix is None:
-            raise DeepAlignError(f"{star}: no pixel size in data_optics; relion_refine needs one")
-        copy, star = with_pixel_size(table, angpix), root / LOCAL_REFINE_STAR
-    pixel = pixel_size(copy if copy is not None else table)
-    base = image_base_dir(table)
     step, step_from = _poses_step(root, star, refined)
-    return LocalRefine(star, table, ref, ini_high, step, step_from, base, pixel, _box_px(table, base, proj, star), copy)
+    base = image_base_dir(table)
+    box = _box_px(table, base, proj, star)
+    copy, star_in = None, star
+    if table.optics is None or "rlnImagePixelSize" not in table.optics:  # relion_refine reads the pixel size only from data_optics
+        angpix = angpix if angpix is not None else proj.pixel_size_ang
+        if angpix is None:
+            raise DeepAlignError(f"{star}: no pixel size in data_optics and none recorded in {proj.yaml_path}; relion_refine needs one")
+        copy, star_in = with_pixel_size(table, angpix), root / LOCAL_REFINE_STAR
+    pixel = pixel_size(copy if copy is not None else table)
+    return LocalRefine(star_in, table, ref, ini_high, step, step_from, base, pixel, box, copy)
 
 
 def _local_refine_lines(li: LocalRefine, sym: str, base: Path) -> list[str]:
@@ -223,15 +228,18 @@ def _local_refine_lines(li: LocalRefine, sym: str, base: Path) -> list[str]:
     options += ["--flatten_solvent", "--zero_mask", "--pad", "2", "--o", LOCAL_REFINE_OUT]
     moved = li.base != base
     lines = [
-        "# ---- RELION, last step: gold-standard auto-refine from these poses",
+        f"# ---- RELION, last step (optional, hours rather than seconds): runs only as {LOCAL_REFINE_SWITCH}=1 bash {SCRIPT_NAME}"
+        f" (under SLURM: sbatch --ntasks={RELION_REFINE_RANKS})",
         f"# particles: {li.star}" + (" (copy with the pixel size in data_optics)" if li.copy is not None else "") + f"; reference: {li.ref}",
         f"# the poses come from a {li.step_deg:.4g}° angular step ({li.step_from}) → HEALPix order {order} "
         f"({HEALPIX_ORDER0_DEG / 2**order:g}°) and --sigma_ang {sigma:.4g}° (RELION searches ± 3 sigma)",
-        *([f"cd {_q(li.base)}"] if moved else []),
-        f"mkdir -p {Path(LOCAL_REFINE_OUT).parent}",
-        "# RELION refines on from deepalign's poses: local searches around them from the first iteration",
-        " ".join(["mpirun", "-n", str(RELION_REFINE_RANKS), "relion_refine_mpi", *options]),
-        *([f"cd {_q(base)}"] if moved else []),
+        f'if [[ "${{{LOCAL_REFINE_SWITCH}:-0}}" == 1 ]]; then',
+        *([f"  cd {_q(li.base)}"] if moved else []),
+        f"  mkdir -p {Path(LOCAL_REFINE_OUT).parent}",
+        "  # RELION's gold-standard auto-refine continued from deepalign's poses: local searches around them from the first iteration",
+        "  " + " ".join(["mpirun", "-n", str(RELION_REFINE_RANKS), "relion_refine_mpi", *options]),
+        *([f"  cd {_q(base)}"] if moved else []),
+        "fi",
     ]
     if "rlnDefocusU" not in li.table.particles:
         lines.insert(3, "# no rlnDefocusU in the STAR: refining without CTF correction")

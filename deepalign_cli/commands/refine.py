@@ -11,15 +11,16 @@ project's box and pixel. Half sets: the input's rlnRandomSubset (1/2) when it ha
 split (refine.seed) written to the output. Each half is refined only against a reconstruction of
 its own particles; the halves share only what is coarser than refine.join_resolution_ang (40 Å).
 
-Iteration 0 reconstructs both halves from the input poses at the project's working box (FSC →
-starting resolution). Each following iteration: the working box grows to the current resolution
+Iteration 0 reconstructs both halves from the input poses at twice the project's working box (up
+to the full box; FSC → starting resolution). Each following iteration: the working box grows to the current resolution
 (pixel = resolution / 3, up to the particles' full box), each half's reference is its last map
 FSC-weighted (sqrt(2·FSC/(1+FSC))) and masked (--mask, else a soft sphere of
 refine.particle_diameter_ang), every particle is searched locally — rotations within two Crowther
 steps of its pose, integer shifts within refine.shift_range_px, then sub-step passes — and both
 halves are reconstructed from the new poses. With --reference, the first iteration's references
-are that map low-passed to refine.initial_lowpass_ang instead. It stops when the box stops growing,
-the resolution gains < 1 % and the median pose moves < half a step, or after --iterations.
+are that map low-passed to refine.initial_lowpass_ang instead. It stops when the median pose moves
+< half a step and either the box stopped growing and the resolution gains < 1 %, or the resolution
+reached the full box's Nyquist; or after --iterations.
 
 Writes PROJECT/refine/ (whole or not at all): refined.star (every input column kept, new poses,
 rlnRandomSubset, rlnDeepAlignRefineScore), half1.mrc, half2.mrc, map.mrc (the particles' box and
@@ -251,8 +252,10 @@ def _record(it: int, res: dict, pixel: float, prev: State | None, geo, seconds: 
 
 
 def first_state(inp: Inputs, rf: RefineConfig) -> State:
-    """Iteration 0: both halves reconstructed from the input poses at the project's working box."""
-    src = ParticleSource(inp.table, inp.pre)
+    """Iteration 0: both halves reconstructed from the input poses at twice the project's working box
+    (up to the full box), so that the FSC can show the input's resolution beyond the working
+    box's Nyquist (align's poses are finer than the box they were found at)."""
+    src = source_at(inp, min(inp.box_in, 2 * ParticleSource(inp.table, inp.pre).box))
     with Timer() as t:
         res = _pass(src, inp, (inp.eulers_deg, inp.origins_ang), None, None, rf, "refine: input poses")
     entry = _record(0, res, src.pixel_ang, None, None, t.seconds)
@@ -296,7 +299,7 @@ def run_iterations(inp: Inputs, rf: RefineConfig, store: ChunkStore, resume: boo
         store.save(0, state.arrays())
         start = 1
     for it in range(start, rf.iterations + 1):
-        if refinement.converged(state.history[1:]):
+        if refinement.converged(state.history[1:], 2 * inp.pixel_in):
             break
         state = next_state(inp, rf, state, it)
         store.save(it, state.arrays())
@@ -307,8 +310,9 @@ def run_iterations(inp: Inputs, rf: RefineConfig, store: ChunkStore, resume: boo
 
 
 # ------------------------------------------------------------------------------------ output
-def write_stage(out_dir: Path, inp: Inputs, state: State, summary: dict) -> list[Path]:
-    """The stage's outputs (module docstring), whole or not at all."""
+def write_stage(out_dir: Path, root: Path, inp: Inputs, state: State, summary: dict) -> list[Path]:
+    """The stage's outputs (module docstring), whole or not at all. Image names of stacks outside
+    the project `root` become absolute (refined.star lives elsewhere than the input)."""
     box, pixel_box = state.box, inp.pixel_in * inp.box_in / state.box
     full_maps = {}
     for name, vol in (("half1", state.half1), ("half2", state.half2)):
@@ -316,7 +320,7 @@ def write_stage(out_dir: Path, inp: Inputs, state: State, summary: dict) -> list
     full_maps["map"] = 0.5 * (full_maps["half1"] + full_maps["half2"])
     freqs, curve = reconstruction.fsc(state.half1, state.half2)
     res = reconstruction.resolution_at(freqs, curve, pixel_box)
-    table = star.set_poses(inp.table, state.eulers_deg, state.origins_ang)
+    table = star.set_poses(star.rebase_image_names(inp.table, out_dir, root, keep_inside=True), state.eulers_deg, state.origins_ang)
     table.particles[SUBSET_COLUMN] = inp.half
     table.particles[SCORE_COLUMN] = np.round(state.score.astype(float), 6)
     hist = state.history
@@ -371,12 +375,12 @@ def _refine(project, from_star, reference, mask, iterations, resume, config, for
                "halves_from": SUBSET_COLUMN if inp.half_from_input else f"random split (seed {rf.seed})",
                "reference": str(Path(reference).resolve()) if reference is not None else "each half's reconstruction from the input poses",
                "mask": str(Path(mask).resolve()) if mask is not None else f"soft sphere, {inp.diameter_ang:.1f} Å diameter",
-               "input_resolution_ang": hist[0]["resolution_ang"], "resolution_ang": hist[-1]["resolution_ang"],
+               "input_resolution_ang": hist[0]["resolution_ang"], "input_box_px": hist[0]["box_px"], "resolution_ang": hist[-1]["resolution_ang"],
                "resolution_fsc05_ang": hist[-1]["resolution_fsc05_ang"], "final_box_px": hist[-1]["box_px"],
                "final_pixel_ang": hist[-1]["pixel_ang"], "nyquist_ang": round(2 * inp.pixel_in, 3),
-               "iterations": len(hist) - 1, "converged": refinement.converged(hist[1:]), "iterations_reused": reused,
+               "iterations": len(hist) - 1, "converged": refinement.converged(hist[1:], 2 * inp.pixel_in), "iterations_reused": reused,
                "seconds": round(t.seconds, 3), "history": hist}
-    outputs = write_stage(out_dir, inp, state, summary)
+    outputs = write_stage(out_dir, proj.root, inp, state, summary)
     proj.mark_done(STAGE, outputs=outputs, seconds=t.seconds, config=rf, n_particles=len(inp.table),
                    resolution_ang=summary["resolution_ang"], iterations=summary["iterations"])
     console.print(f"[green]refined[/green] {len(inp.table)} particles in {summary['iterations']} iterations ({t.seconds:.0f} s): "

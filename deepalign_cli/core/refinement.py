@@ -18,8 +18,9 @@ One iteration (``commands/refine.py`` runs the loop):
    reference: a ball of rotations of radius LOCAL_RADIUS_STEPS steps and a disc of integer
    shifts of ``shift_range_px``, then the coordinate-wise sub-step passes of ``search``;
 4. both halves reconstructed from the new poses → FSC → the next resolution.
-Stop rule (:func:`converged`): the box has stopped growing, the resolution improved by less than
-CONVERGED_RESOLUTION_GAIN and the median pose changed by less than half the angular step.
+Stop rule (:func:`converged`): the median pose changed by less than half the angular step, and
+either the box has stopped growing and the resolution improved by less than
+CONVERGED_RESOLUTION_GAIN, or the resolution reached the full box's Nyquist.
 
 Everything here is a pure function of arrays; the score is ``core.score``'s band-limited,
 CTF-aware normalised cross-correlation.
@@ -44,6 +45,7 @@ JOIN_RESOLUTION_ANG = 40.0  # the halves share only what is coarser than this (R
 LOCAL_RADIUS_STEPS = 2  # rotations searched up to this many angular steps from the current pose
 CONVERGED_RESOLUTION_GAIN = 0.01  # < 1 % better than the last iteration counts as no gain
 BAND_BEYOND_RESOLUTION = 1.1  # the score's band reaches 10 % past the current resolution
+AT_NYQUIST = 1.03  # a resolution within 3 % of the full box's Nyquist cannot be measured finer
 
 
 class IterationGeometry(NamedTuple):
@@ -220,14 +222,17 @@ def local_search(vol_ft: VolumeFT, cf, c2, inorm, rotmats, origins_px, band, rot
 
 
 # ------------------------------------------------------------------------------ stop rule
-def converged(history: list[dict]) -> bool:
-    """True when the last iteration changed nothing worth another: its box did not grow, its
-    resolution is less than CONVERGED_RESOLUTION_GAIN better than the one before, and the median
-    pose moved by less than half its angular step. history: one dict per iteration with box_px,
-    resolution_ang, median_angle_change_deg, angular_step_deg."""
+def converged(history: list[dict], nyquist_ang: float | None = None) -> bool:
+    """True when the last iteration changed nothing worth another: the median pose moved by less
+    than half its angular step, and either its box did not grow and its resolution is less than
+    CONVERGED_RESOLUTION_GAIN better than the one before, or it already reached nyquist_ang (the
+    full box's Nyquist, within AT_NYQUIST: no later FSC can show more). history: one dict per
+    iteration with box_px, resolution_ang, median_angle_change_deg, angular_step_deg."""
     if len(history) < 2:
         return False
     last, prev = history[-1], history[-2]
-    return (last["box_px"] == prev["box_px"]
-            and last["resolution_ang"] > prev["resolution_ang"] * (1 - CONVERGED_RESOLUTION_GAIN)
-            and last["median_angle_change_deg"] < 0.5 * last["angular_step_deg"])
+    if last["median_angle_change_deg"] >= 0.5 * last["angular_step_deg"]:
+        return False
+    if nyquist_ang is not None and last["resolution_ang"] <= AT_NYQUIST * nyquist_ang:
+        return True
+    return last["box_px"] == prev["box_px"] and last["resolution_ang"] > prev["resolution_ang"] * (1 - CONVERGED_RESOLUTION_GAIN)

@@ -284,11 +284,12 @@ def image_base_dir(table: ParticleTable) -> Path:
     return star_dir
 
 
-def rebase_image_names(table: ParticleTable, new_folder: Path, root: Path) -> ParticleTable:
+def rebase_image_names(table: ParticleTable, new_folder: Path, root: Path, keep_inside: bool = False) -> ParticleTable:
     """A copy of the table whose rlnImageName stack paths find the same stacks from a STAR written
     in `new_folder`: stacks under `root` (the project) relative to new_folder, so the project
-    can be moved as a whole; stacks elsewhere absolute, so it can be moved without them. Indices
-    keep their format; names already absolute stay as they are."""
+    can be moved as a whole (keep_inside: their names unchanged, as the input had them); stacks
+    elsewhere absolute, so it can be moved without them. Indices keep their format; names already
+    absolute stay as they are."""
     import os
 
     from .mrc import parse_image_name
@@ -303,7 +304,10 @@ def rebase_image_names(table: ParticleTable, new_folder: Path, root: Path) -> Pa
             continue
         path = (base / stack).resolve()
         inside = path == root or root in path.parents
-        names.append(f"{index}@{os.path.relpath(path, new_folder) if inside else path}")
+        if inside and keep_inside:
+            names.append(name)
+        else:
+            names.append(f"{index}@{os.path.relpath(path, new_folder) if inside else path}")
     out = table.copy()
     out.particles["rlnImageName"] = names
     return out
