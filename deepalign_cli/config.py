@@ -140,7 +140,6 @@ class RefineConfig(_Stage):
                                                 "mask; default: the box size in Å")
     shift_range_px: float = Field(2.0, ge=0, description="integer shifts searched around each origin (working px), then sub-pixel passes")
     initial_lowpass_ang: float = Field(30.0, gt=0, description="--reference is low-passed to this for the first iteration (Å)")
-    noise_weighted: bool = Field(False, description="EXPERIMENT: score whitened by the residual noise spectrum")
     ctf: bool = True
     memory_budget_gb: float = Field(4.0, gt=0)
     seed: int = Field(0, description="the random half split when the input has no rlnRandomSubset")

@@ -60,7 +60,6 @@ STAGE = "refine"
 SUBSET_COLUMN = "rlnRandomSubset"
 SCORE_COLUMN = "rlnDeepAlignRefineScore"
 PARTICLE_CHUNK = 64  # particles per local-search call (one compiled shape per working box)
-NOISE_SAMPLE = 1024  # particles whose residuals give the noise spectrum
 STATE_ARRAYS = ("eulers_deg", "origins_ang", "score", "half1", "half2", "fsc", "history")
 OUTPUTS = ("refined.star", "half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "fsc.png", "resolution.png", "summary.json")
 
@@ -198,7 +197,6 @@ def _pass(src: ParticleSource, inp: Inputs, state_poses, refs, geo: refinement.I
         vol_fts = {h: projector.prepare_volume(refs[h - 1]) for h in (1, 2)}
         rotations = jnp.asarray(refinement.local_rotations(geo.search_radius_deg))
         shifts = jnp.asarray(refinement.local_shifts(geo.shift_range_px))
-        nw = _noise_weight(src, inp, rotmats, origins_ang, vol_fts, band, use_ctf) if rf.noise_weighted else None
     grids = {1: None, 2: None}
     t0, done = time.perf_counter(), 0
     with progress() as bar:
@@ -215,7 +213,7 @@ def _pass(src: ParticleSource, inp: Inputs, state_poses, refs, geo: refinement.I
                         fill = np.concatenate([part, np.full(PARTICLE_CHUNK - len(part), part[0])])
                         rows = idx[fill]
                         ctfs = particle_ctfs(ctf_all, fill, box, pixel) if use_ctf else jnp.ones((len(fill), box, box), jnp.float32)
-                        cf, c2, inorm = particle_features(jnp.asarray(images[fill]), ctfs, band, nw)
+                        cf, c2, inorm = particle_features(jnp.asarray(images[fill]), ctfs, band)
                         rot, org, sc = refinement.local_search(vol_fts[h], cf, c2, inorm, jnp.asarray(rotmats[rows]),
                                                                jnp.asarray(origins_ang[rows] / pixel, jnp.float32), band, rotations,
                                                                shifts, geo.angular_step_deg)
@@ -234,23 +232,6 @@ def _pass(src: ParticleSource, inp: Inputs, state_poses, refs, geo: refinement.I
     freqs, curve = reconstruction.fsc(*halves)
     return {"eulers_deg": geometry.matrix_to_euler(rotmats.astype(float)), "origins_ang": origins_ang, "score": score,
             "half1": halves[0], "half2": halves[1], "fsc": curve, "freqs": freqs}
-
-
-def _noise_weight(src: ParticleSource, inp: Inputs, rotmats, origins_ang, vol_fts, band, use_ctf: bool) -> np.ndarray:
-    """1/σ per band coefficient from the residuals of NOISE_SAMPLE particles (spread over the table)
-    against their half's reference at their current poses (``refinement.noise_weight``)."""
-    rows = np.unique(np.linspace(0, len(src) - 1, min(len(src), NOISE_SAMPLE)).astype(int))
-    images, pixel, box = src.read(rows), src.pixel_ang, src.box
-    ctf_all = src.ctf_params(rows) if use_ctf else None
-    powers = []
-    for h in (1, 2):
-        local = np.flatnonzero(inp.half[rows] == h)
-        for s in range(0, len(local), PARTICLE_CHUNK):
-            part = local[s : s + PARTICLE_CHUNK]
-            ctfs = particle_ctfs(ctf_all, part, box, pixel) if use_ctf else jnp.ones((len(part), box, box), jnp.float32)
-            powers.append(np.asarray(refinement.residual_power(vol_fts[h], jnp.asarray(images[part]), ctfs, jnp.asarray(rotmats[rows[part]]),
-                                                               jnp.asarray(origins_ang[rows[part]] / pixel, jnp.float32), band)))
-    return jnp.asarray(refinement.noise_weight(np.concatenate(powers), refinement.band_shells(band)))
 
 
 def _record(it: int, res: dict, pixel: float, prev: State | None, geo, seconds: float) -> dict:

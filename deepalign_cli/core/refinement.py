@@ -38,7 +38,7 @@ import numpy as np
 from .gallery import NYQUIST_PX, default_angular_step_deg
 from .preprocess import PAPER_PIXEL_PER_RESOLUTION, downsampled_box
 from .projector import VolumeFT
-from .score import FourierBand, band_values, phases, pose_scores, weighted_refs
+from .score import phases, pose_scores, weighted_refs
 from .search import REFINE_PASSES, refine_poses
 
 JOIN_RESOLUTION_ANG = 40.0  # the halves share only what is coarser than this (RELION's default)
@@ -219,32 +219,6 @@ def local_search(vol_ft: VolumeFT, cf, c2, inorm, rotmats, origins_px, band, rot
     rot = jnp.take_along_axis(cand, a[:, None, None, None], axis=1)[:, 0]
     origin = jnp.take_along_axis(cand_shift, q[:, None, None], axis=1)[:, 0]
     return refine_poses(vol_ft, cf, c2, inorm, rot, origin, band, step_deg, step_deg, refine_passes=refine_passes)
-
-
-# ------------------------------------------------------------------------ noise spectrum
-def band_shells(band: FourierBand) -> np.ndarray:
-    """(K,) int: the Fourier shell round(|k|) of every band coefficient."""
-    return np.round(np.hypot(np.asarray(band.kx), np.asarray(band.ky))).astype(int)
-
-
-@jax.jit
-def residual_power(vol_ft: VolumeFT, images, ctfs, rotmats, origins_px, band: FourierBand):
-    """(b, K) power |Î − a·CTF·R̂(A)|² of each particle's residual against its scaled reference
-    projection at its pose (a: the least-squares scale of each particle), per band coefficient."""
-    f = band_values(band, jnp.fft.fft2(images.astype(jnp.float32))) * phases(band, origins_px.astype(jnp.float32))
-    model = band_values(band, ctfs.astype(jnp.float32)) * weighted_refs(vol_ft, band, rotmats.astype(jnp.float32)) / band.sqrt_weight
-    a = jnp.sum(jnp.real(jnp.conj(model) * f), -1) / (jnp.sum(jnp.abs(model) ** 2, -1) + 1e-12)
-    return jnp.abs(f - a[:, None] * model) ** 2
-
-
-def noise_weight(power, shells: np.ndarray) -> np.ndarray:
-    """(K,) float32 1/σ per band coefficient from residual powers (n, K): σ² is the mean power of
-    the coefficient's shell (RELION's σ² estimate, one per resolution shell), scaled so that the
-    weights average 1 (the NCC does not depend on the scale)."""
-    power = np.asarray(power, float).mean(axis=0)
-    sigma2 = np.bincount(shells, power) / np.maximum(np.bincount(shells), 1)
-    w = 1.0 / np.sqrt(np.maximum(sigma2[shells], 1e-30))
-    return (w / w.mean()).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ stop rule

@@ -97,18 +97,13 @@ def weighted_refs(vol_ft, band, rotmats):
 
 
 @jax.jit
-def particle_features(images, ctfs, band: FourierBand, noise_weight=None):
+def particle_features(images, ctfs, band: FourierBand):
     """Score-side vectors of a chunk of particles: (CTF·√w·Î (b, K) complex, CTF² (b, K), ‖√w·Î‖ (b,)).
 
     images: (b, N, N) float32.  ctfs: (b, N, N) float32 on the unshifted grid (ones: no CTF).
-    noise_weight: None, or (K,) 1/σ_k of the noise in each band coefficient: the score becomes the
-    NCC of the whitened particle Î/σ with the whitened reference CTF·R/σ (both sides are scaled,
-    so the weight enters the particle vectors as 1/σ and the CTF as 1/σ).
     """
     f = band_values(band, jnp.fft.fft2(images.astype(jnp.float32))) * band.sqrt_weight
     c = band_values(band, ctfs.astype(jnp.float32))
-    if noise_weight is not None:
-        f, c = f * noise_weight, c * noise_weight
     return c * f, c * c, jnp.sqrt(jnp.sum(jnp.abs(f) ** 2, axis=-1))
 
 
