@@ -26,7 +26,8 @@
    --split_random_halves`` (1 thread per rank on the 2 cores) from the **true map low-passed to
    30 Å** (``--ini_high 30 --firstiter_cc``: a reference deepalign does not get), ``--ctf
    --particle_diameter`` box·pixel·0.9 = 180 Å, ``--healpix_order 2`` (7.5°), auto-sampling down to
-   local searches (``--auto_local_healpix_order 4``), offsets ±5 px in steps of 1, ``--norm
+   local searches (``--auto_local_healpix_order 4``), offsets ±5 px in steps of 2 (as accuracy.py; RELION
+   halves the step as it refines), ``--norm
    --scale --flatten_solvent --zero_mask``; on all particles or (``--relion-particles K``) a random
    subset of K of them.
 4. **Scores.** Poses: full-rotation error against the truth (``core.evaluation``), median, % ≤ 2°,
@@ -89,6 +90,15 @@ THRESHOLDS = (0.5, 0.143)
 
 log = accuracy.log
 run_timed = accuracy.run_timed
+
+
+def code_digests() -> dict:
+    """sha256 (first 12 hex) of the refine code the run used (the JSON's git commit may be older)."""
+    import hashlib
+
+    root = HERE.parent / "deepalign_cli"
+    files = ["commands/refine.py", "core/refinement.py", "core/search.py", "core/score.py", "config.py"]
+    return {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in files if (root / f).exists()}
 
 
 def deepalign_config() -> dict:
@@ -220,8 +230,9 @@ def run_deepalign(case_dir: Path, exhaustive: bool) -> dict:
 # --------------------------------------------------------------------------------------------- RELION
 
 
-def run_relion(case_dir: Path, particles_star: Path, pixel: float, diameter_ang: float) -> dict:
-    """accuracy.run_relion's auto-refine (MPI, 3 ranks × 1 thread) on any particles and pixel."""
+def run_relion(case_dir: Path, particles_star: Path, pixel: float, diameter_ang: float, reuse: bool = False) -> dict:
+    """accuracy.run_relion's auto-refine (MPI, 3 ranks × 1 thread) on any particles and pixel.
+    reuse: keep a finished run of the same command (relion/bench.json) instead of running again."""
     from deepalign_cli.core import preprocess
     from deepalign_cli.io import mrc
 
@@ -229,20 +240,27 @@ def run_relion(case_dir: Path, particles_star: Path, pixel: float, diameter_ang:
     ref = np.asarray(preprocess.lowpass_volume(vol, pixel, REFERENCE_LOWPASS_ANG))
     mrc.write_map(case_dir / "reference_lp30.mrc", ref, pixel)
     out = case_dir / "relion"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir()
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi",
            "--i", particles_star.name, "--o", "relion/run", "--ref", "reference_lp30.mrc",
            "--firstiter_cc", "--ini_high", f"{REFERENCE_LOWPASS_ANG:g}", "--ctf", "--particle_diameter", f"{diameter_ang:.0f}",
            "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--healpix_order", str(RELION_HEALPIX_ORDER),
-           "--offset_range", "5", "--offset_step", "1", "--sym", SYM, "--norm", "--scale", "--pad", "2",
+           "--offset_range", "5", "--offset_step", "2", "--sym", SYM, "--norm", "--scale", "--pad", "2",
            "--dont_combine_weights_via_disc", "--pool", "3", "--j", "1",
            "--auto_refine", "--split_random_halves", "--auto_local_healpix_order", "4", "--low_resol_join_halves", "40"]
-    log(f"  relion_refine_mpi --auto_refine on {particles_star.name} …")
-    seconds = run_timed(cmd, case_dir, case_dir / "relion.log", timeout=6 * 3600, env=env)
-    log(f"  relion_refine_mpi: {seconds:.1f} s")
+    done = out / "bench.json"
+    if reuse and done.exists() and json.loads(done.read_text()).get("command") == " ".join(cmd) and (out / "run_data.star").exists():
+        seconds = json.loads(done.read_text())["wall_s"]
+        log(f"  relion_refine_mpi: reusing the finished run in {out} ({seconds:.1f} s)")
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+        (case_dir / "relion.log").write_text("")
+        log(f"  relion_refine_mpi --auto_refine on {particles_star.name} …")
+        seconds = run_timed(cmd, case_dir, case_dir / "relion.log", timeout=6 * 3600, env=env)
+        log(f"  relion_refine_mpi: {seconds:.1f} s")
+        done.write_text(json.dumps({"command": " ".join(cmd), "wall_s": seconds}))
     data, own_map = out / "run_data.star", out / "run_class001.mrc"
     if not data.exists():
         raise RuntimeError(f"relion_refine finished without {data}; see {case_dir / 'relion.log'}")
@@ -342,6 +360,7 @@ def main() -> int:
     ap.add_argument("--snr", type=float, default=SNR, help="var(signal) / var(noise) over the stack")
     ap.add_argument("--relion-particles", type=int, default=None, help="RELION on a random subset of K particles (default all)")
     ap.add_argument("--skip-relion", action="store_true")
+    ap.add_argument("--reuse-relion", action="store_true", help="keep WORKDIR's finished RELION run of the same command")
     ap.add_argument("--align-exhaustive", action="store_true", help="align --exhaustive instead of train + predict + align")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/deepalign_refine_bench"))
     ap.add_argument("--reuse-data", action="store_true", help="keep WORKDIR's particles when they match N, SNR and seed")
@@ -408,7 +427,7 @@ def main() -> int:
             star.write_particles(relion_star, sub)
         else:
             relion_star = work / "particles.star"
-        rl = run_relion(work, relion_star, pixel, diameter)
+        rl = run_relion(work, relion_star, pixel, diameter, args.reuse_relion)
         res["relion"] = {"command": rl["command"], "iterations": rl["iterations"], "n_particles": k,
                          "particles": str(relion_star), "own_resolution_ang": rl["own_resolution_ang"]}
         methods["relion"] = {"wall_s": rl["wall_s"], "n_particles": k, "own_estimate_ang": rl["own_resolution_ang"]}
@@ -461,7 +480,7 @@ def main() -> int:
                          "target_resolution_ang": TARGET_RESOLUTION_ANG, "coverage": COVERAGE, "align_exhaustive": args.align_exhaustive,
                          "relion_particle_diameter_ang": diameter, "relion_reference_lowpass_ang": REFERENCE_LOWPASS_ANG,
                          "relion_healpix_order": RELION_HEALPIX_ORDER, "seed": args.seed},
-            "argv": sys.argv, "total_s": time.perf_counter() - t0, "workdir": str(work)}
+            "code_sha256": code_digests(), "argv": sys.argv, "total_s": time.perf_counter() - t0, "workdir": str(work)}
     out = write_result("refine_quick" if args.quick else "refine", {"meta": meta, "result": res, "table": table}, args.out)
     print(f"\n## refine against RELION auto-refine ({n} particles, {time.strftime('%Y-%m-%d %H:%M')})\n")
     print(table)

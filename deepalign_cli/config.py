@@ -91,6 +91,11 @@ class TrainConfig(_Stage):
     region_parallel: Literal["auto", "loop", "vmap"] = Field(
         "auto", description="regions one after another (loop, fastest on one CPU or GPU) or vmapped together; auto: loop on one device, vmap over several GPUs"
     )
+    synthetic_per_region: int = Field(0, ge=0, description="synthetic examples per region made from the reference (projections with "
+                                      "the data's CTFs, shifts and noise spectrum; core/synthetic.py) added to the training part; "
+                                      "0: labelled particles only")
+    synthetic_snr: float | None = Field(None, gt=0, description="SNR of the synthetic examples; default: measured on the labelled "
+                                        "particles against the reference")
     seed: int = 0
 
 

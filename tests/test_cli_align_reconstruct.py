@@ -32,7 +32,6 @@ from typer.testing import CliRunner
 
 from deepalign_cli import main
 from deepalign_cli.commands import _reconstruction
-from deepalign_cli.commands import align as align_cmd
 from deepalign_cli.commands.simulate import shipped_map
 from deepalign_cli.core import geometry, preprocess, regions, symmetry
 from deepalign_cli.errors import DeepAlignError
@@ -181,10 +180,10 @@ def test_default_reference_is_the_labelled_subset_reconstruction(project, capsys
     proj = Project.open(project)
     pre = _reconstruction.project_preprocess(proj, None)
     source = ParticleSource(star.read_particles(proj.particles_star), pre)
-    on_the_fly, desc = align_cmd.load_reference(proj, None, source, pre, None)
+    on_the_fly, desc = _reconstruction.load_reference(proj, None, source, pre, None)
     assert "on the fly" in desc and "reconstructing the reference" in capsys.readouterr().err
     ok(run("reconstruct", project, "--from", project / "label" / "labels.star", "--out", "reference"))
-    from_file, desc = align_cmd.load_reference(proj, None, source, pre, None)
+    from_file, desc = _reconstruction.load_reference(proj, None, source, pre, None)
     assert desc.endswith("reconstruct/reference/map.mrc")
     np.testing.assert_allclose(from_file, on_the_fly, atol=1e-5 * np.abs(on_the_fly).max())
 

@@ -1,5 +1,7 @@
-"""Helpers shared by `align` and `reconstruct`: the project's preprocess config and a streamed
-reconstruction of a particle set (so that no command module imports another)."""
+"""Helpers shared by the stages that use maps (`align`, `reconstruct`, `refine`, `train` with
+synthetic examples): the project's preprocess config, a streamed reconstruction of a particle set,
+the reference at the working geometry, and the project's regions (so that no command module
+imports another)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..config import PreprocessConfig, ReconstructConfig
-from ..core import preprocess, reconstruction
+from ..config import PreprocessConfig, ReconstructConfig, RegionConfig
+from ..core import preprocess, reconstruction, regions
 from ..errors import DeepAlignError
-from ..io import mrc
+from ..io import mrc, star
 from ..io.project import Project
-from ..particles import ParticleSource
+from ..particles import ParticleSource, check_against_project
 from ._common import console, progress, stage_config
+from .symmetry_arg import operators_for
 
 REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after resampling
 IMAGE_CHUNK_BUDGET_GB = 1.0  # prepared images held at once; the (2N)³ grids come on top
@@ -103,3 +106,33 @@ def fsc_csv(freqs_per_ang: np.ndarray, curve: np.ndarray) -> str:
     rows = ["shell,frequency_per_ang,resolution_ang,fsc"]
     rows += [f"{i},{fa:.6f},{(1 / fa if fa > 0 else float('inf')):.3f},{c:.6f}" for i, (fa, c) in enumerate(zip(freqs_per_ang, curve))]
     return "\n".join(rows) + "\n"
+
+
+def load_reference(proj: Project, path: Path | None, source: ParticleSource, pre: PreprocessConfig, config_path: Path | None):
+    """(map at the working geometry, description): --reference, the project's reference, or one built now."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise DeepAlignError(f"{path}: reference map not found")
+        return reference_at_working_geometry(Path(path), source.box, source.pixel_ang), str(Path(path).resolve())
+    default = proj.root / "reconstruct" / "reference" / "map.mrc"
+    if default.is_file():
+        return reference_at_working_geometry(default, source.box, source.pixel_ang), str(default)
+    labels = proj.output("label", "labels.star")
+    console.print(f"[yellow]notice:[/yellow] no {default.relative_to(proj.root)}; reconstructing the reference from {labels.relative_to(proj.root)} "
+                  f"now (keep it with: deepalign reconstruct {proj.root} --from {labels} --out reference)")
+    _, rec = stage_config(config_path, "reconstruct")
+    subset = star.read_particles(labels)
+    eulers, origins = star.get_poses(subset, hint="the labelled subset needs poses")
+    sub_source = ParticleSource(subset, pre)
+    check_against_project(sub_source, proj, labels)
+    result = reconstruct_particles(sub_source, eulers, origins, rec, description="reference")
+    console.print(f"reference from {len(subset)} labelled particles: {result['resolution_ang']:.1f} Å at FSC 0.143")
+    return result["map"], f"on the fly from {labels}"
+
+
+def project_regions(proj: Project, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(region centres (R, 3), symmetry operators (G, 3, 3)) of the regions `label` recorded (else the config's)."""
+    reg_dict = proj.stage_config("regions")
+    reg = RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions
+    ops, _ = operators_for(reg.symmetry, option="regions.symmetry")
+    return regions.region_centres(reg.spacing_deg, ops), ops

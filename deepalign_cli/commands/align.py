@@ -49,8 +49,7 @@ import pandas as pd
 import typer
 
 from .. import plots
-from ..config import PreprocessConfig, RegionConfig
-from ..core import gallery, preprocess, projector, regions
+from ..core import gallery, preprocess, projector
 from ..core.search import RESTRICTED_MIN_FRACTION, align_particles
 from ..errors import DeepAlignError
 from ..io import star
@@ -61,8 +60,7 @@ from ..particles import ParticleSource, check_against_project
 from ..regionspec import region_lists
 from ._common import (CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest,
                       stage_config)
-from ._reconstruction import project_preprocess, reconstruct_particles, reference_at_working_geometry
-from .symmetry_arg import operators_for
+from ._reconstruction import load_reference, project_preprocess, project_regions
 
 SHARDS = "shards"
 RESULT_ARRAYS = ("eulers_deg", "origins_px", "score", "region", "whole_unit")  # one chunk's saved results
@@ -109,28 +107,6 @@ def candidate_matrix(cands: list[list[int]]) -> np.ndarray:
     """(n, k_max) int: rows of different length are padded with their first region (a set, so no change)."""
     k = max(len(c) for c in cands)
     return np.array([c + [c[0]] * (k - len(c)) for c in cands], int)
-
-
-def load_reference(proj: Project, path: Path | None, source: ParticleSource, pre: PreprocessConfig, config_path: Path | None):
-    """(map at the working geometry, description): --reference, the project's reference, or one built now."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise DeepAlignError(f"{path}: reference map not found")
-        return reference_at_working_geometry(Path(path), source.box, source.pixel_ang), str(Path(path).resolve())
-    default = proj.root / "reconstruct" / "reference" / "map.mrc"
-    if default.is_file():
-        return reference_at_working_geometry(default, source.box, source.pixel_ang), str(default)
-    labels = proj.output("label", "labels.star")
-    console.print(f"[yellow]notice:[/yellow] no {default.relative_to(proj.root)}; reconstructing the reference from {labels.relative_to(proj.root)} "
-                  f"now (keep it with: deepalign reconstruct {proj.root} --from {labels} --out reference)")
-    _, rec = stage_config(config_path, "reconstruct")
-    subset = star.read_particles(labels)
-    eulers, origins = star.get_poses(subset, hint="the labelled subset needs poses")
-    sub_source = ParticleSource(subset, pre)
-    check_against_project(sub_source, proj, labels)
-    result = reconstruct_particles(sub_source, eulers, origins, rec, description="reference")
-    console.print(f"reference from {len(subset)} labelled particles: {result['resolution_ang']:.1f} Å at FSC 0.143")
-    return result["map"], f"on the fly from {labels}"
 
 
 # ------------------------------------------------------------------------------------ output
@@ -222,7 +198,7 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
     if merge:
         return _merge(proj, table, stage, out_dir, al, mode)
 
-    centres, ops = _project_regions(proj, cfg)
+    centres, ops = project_regions(proj, cfg)
     cands, rows = _candidates(proj, table, len(centres), top_k, exhaustive, regions_spec)
     pre = project_preprocess(proj, config)
     source = ParticleSource(table, pre)
@@ -284,14 +260,6 @@ def _merge(proj: Project, table: star.ParticleTable, stage: str, out_dir: Path, 
     outputs = write_stage(out_dir, aligned, summary)
     proj.mark_done(stage, outputs=outputs, seconds=info["seconds"], config=al, mode=mode, merged_shards=len(info["shards"]))
     console.print(f"[green]merged[/green] {len(info['shards'])} shards, {len(aligned)} particles → {outputs[0]}")
-
-
-def _project_regions(proj: Project, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(region centres (R, 3), symmetry operators (G, 3, 3)) of the regions `label` recorded (else the config's)."""
-    reg_dict = proj.stage_config("regions")
-    reg = RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions
-    ops, _ = operators_for(reg.symmetry, option="regions.symmetry")
-    return regions.region_centres(reg.spacing_deg, ops), ops
 
 
 def _candidates(proj: Project, table: star.ParticleTable, n_regions: int, top_k: int | None, exhaustive: bool,

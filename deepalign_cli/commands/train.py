@@ -55,6 +55,10 @@ def command(
     images_per_region: int = typer.Option(None, "--images-per-region", show_default=False),
     model: str = typer.Option(None, "--model", help="per_region (paper) or polar_trunk", show_default=False),
     seed: int = typer.Option(None, "--seed", show_default=False),
+    synthetic_per_region: int = typer.Option(None, "--synthetic-per-region", min=0, help="add this many synthetic examples per region "
+                                             "made from the reference (train.synthetic_per_region)", show_default=False),
+    reference: Path = typer.Option(None, "--reference", "-r", help="map for the synthetic examples (default: align's reference)",
+                                   show_default=False),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch of each region"),
     merge: bool = typer.Option(False, "--merge", help="after SLURM shards: check every region is trained, write metrics, finish the stage"),
     config: Path = CONFIG_OPT,
@@ -62,13 +66,14 @@ def command(
 ) -> None:
     """Train one CNN per region on the labelled subset."""
     with exit_on_interrupt():
-        _train(project, regions, epochs, images_per_region, model, seed, resume, merge, config, force)
+        _train(project, regions, epochs, images_per_region, model, seed, synthetic_per_region, reference, resume, merge, config, force)
 
 
-def _train(project, regions, epochs, images_per_region, model, seed, resume, merge, config, force) -> None:
+def _train(project, regions, epochs, images_per_region, model, seed, synthetic_per_region, reference, resume, merge, config, force) -> None:
     from ..core import models, training
 
-    cfg, tc = stage_config(config, "train", epochs=epochs, images_per_region=images_per_region, model=model, seed=seed)
+    cfg, tc = stage_config(config, "train", epochs=epochs, images_per_region=images_per_region, model=model, seed=seed,
+                           synthetic_per_region=synthetic_per_region)
     proj = Project.open(project)
     proj.require_done("label")
     n_regions = proj.n_regions()
@@ -82,18 +87,22 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
         raise DeepAlignError(f"--regions: the {tc.model} model trains all regions at once; use model: per_region to shard")
 
     labels_path, src, y = load_labels(proj, cfg, n_regions)
-    digest = settings_digest(tc, cfg.preprocess, hashlib.sha256(labels_path.read_bytes()).digest())
+    with Timer() as t_load:
+        images = src.read(np.arange(len(src)))
+        synthetic, syn_info = None, None
+        if tc.synthetic_per_region:
+            synthetic, syn_info = synthetic_set(proj, cfg, tc, src, images, n_regions, reference, config)
+    digest = settings_digest(tc, cfg.preprocess, hashlib.sha256(labels_path.read_bytes()).digest(),
+                             None if syn_info is None else syn_info["digest"])
     resume_state = {}
     if resume:
         todo, resume_state = resume_plan(train_dir, requested, training.TRUNK if one_net else None, digest)
-    with Timer() as t_load:
-        images = src.read(np.arange(len(src)))
 
     def save_resume(unit, epoch, state):
         ckpt.write_entry(ckpt.resume_file(train_dir, unit), {**state, SETTINGS_KEY: digest})
 
     with Timer() as t:
-        results = train_with_progress(images, y, todo, tc, src.box, resume_state, save_resume)
+        results = train_with_progress(images, y, todo, tc, src.box, resume_state, save_resume, synthetic)
     for r, entry in results.items():
         ckpt.write_entry(ckpt.region_file(train_dir, r), {**entry, "region": int(r), "box": src.box, "pixel_ang": src.pixel_ang, SETTINGS_KEY: digest})
     shards = record_shard(proj, format_regions(requested))
@@ -106,6 +115,7 @@ def _train(project, regions, epochs, images_per_region, model, seed, resume, mer
     write_metrics(train_dir, n_regions)
     proj.mark_done("train", outputs=[train_dir / "metrics.json", train_dir / "metrics.csv", train_dir / "curves.png"],
                    seconds=t.seconds + t_load.seconds, config=tc, box=src.box, pixel_ang=src.pixel_ang, shards_done=shards,
+                   synthetic=None if syn_info is None else {k: v for k, v in syn_info.items() if k != "digest"},
                    **validation_record(y, tc))
 
 
@@ -122,7 +132,8 @@ def load_labels(proj: Project, cfg, n_regions: int) -> tuple[Path, ParticleSourc
     return labels_path, src, y
 
 
-def train_with_progress(images: np.ndarray, y: np.ndarray, todo: list[int], tc, box: int, resume_state: dict, save_resume) -> dict:
+def train_with_progress(images: np.ndarray, y: np.ndarray, todo: list[int], tc, box: int, resume_state: dict, save_resume,
+                        synthetic: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """`core.training.train_regions` with a progress bar over region-epochs (augmented images
     per second and the latest validation accuracy)."""
     import jax
@@ -147,7 +158,55 @@ def train_with_progress(images: np.ndarray, y: np.ndarray, todo: list[int], tc, 
                 bar.advance(task, width * (tc.epochs - 1 - ev["epoch"]))
 
         return training.train_regions(images, y, todo, tc, jax.random.key(tc.seed), progress=on_event,
-                                      resume_state=resume_state or None, checkpoint_cb=save_resume)
+                                      resume_state=resume_state or None, checkpoint_cb=save_resume, synthetic=synthetic)
+
+
+NOISE_SAMPLE = 1000  # project particles whose mean radial power spectrum is the synthetic noise's
+
+
+def synthetic_set(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarray, n_regions: int, reference: Path | None,
+                  config_path: Path | None) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """tc.synthetic_per_region × n_regions synthetic examples (core/synthetic.py) at the labelled
+    particles' working box: the reference align would use, the project's particles' CTFs and
+    radial power spectrum, the labelled particles' shift range and SNR (measured, or train.synthetic_snr).
+    Returns ((images, labels), info for project.yaml and the resume digest)."""
+    import jax
+
+    from ..core import projector, synthetic
+    from ..core.score import particle_ctfs
+    from ._reconstruction import load_reference, project_regions
+
+    table = src.table
+    eulers, origins = star.get_poses(table, hint="synthetic examples need the labelled particles' poses")
+    vol, ref_desc = load_reference(proj, reference, src, cfg.preprocess, config_path)
+    vol_ft = projector.prepare_volume(vol)
+    centres, ops = project_regions(proj, cfg)
+    if len(centres) != n_regions:
+        raise DeepAlignError(f"{proj.yaml_path}: {len(centres)} regions in the recorded region settings but {n_regions} labelled")
+    project_src = ParticleSource(star.read_particles(proj.particles_star), cfg.preprocess) if proj.particles_star else src
+    rows = np.unique(np.linspace(0, len(project_src) - 1, min(len(project_src), NOISE_SAMPLE)).astype(int))
+    power = synthetic.radial_power(project_src.read(rows))
+    ctf_all = project_src.ctf_params()
+    origins_px = origins / src.pixel_ang
+    if tc.synthetic_snr is not None:
+        snr, how = float(tc.synthetic_snr), "train.synthetic_snr"
+    else:
+        lab_ctf = src.ctf_params()
+        ctfs = None if lab_ctf is None else np.asarray(particle_ctfs(lab_ctf, np.arange(len(src)), src.box, src.pixel_ang))
+        snr, how = synthetic.estimate_snr(images, vol_ft, eulers, origins_px, ctfs), "measured on the labelled particles"
+    max_shift = float(np.percentile(np.abs(origins_px), 95)) if len(origins_px) else 0.0
+    n = tc.synthetic_per_region * n_regions
+    with Timer() as t:
+        out = synthetic.synthetic_examples(jax.random.fold_in(jax.random.key(tc.seed), 7), vol_ft, n, centres, ops,
+                                           pixel_ang=src.pixel_ang, ctf_rows=synthetic.ctf_table(ctf_all, len(project_src)),
+                                           noise_power=power, snr=snr, max_shift_px=max_shift, bg_radius_frac=cfg.preprocess.bg_radius_frac)
+    console.print(f"synthetic examples: {n} ({tc.synthetic_per_region} per region) from {ref_desc}, SNR {snr:.3g} ({how}), "
+                  f"shifts ≤ {max_shift:.1f} px, noise spectrum of {len(rows)} particles, in {t.seconds:.1f} s")
+    info = {"n": n, "reference": ref_desc, "snr": round(snr, 5), "snr_from": how, "max_shift_px": round(max_shift, 3),
+            "noise_particles": int(len(rows)), "seconds": round(t.seconds, 2),
+            "digest": settings_digest(round(snr, 6), round(max_shift, 6), [round(float(v), 6) for v in power], ref_desc,
+                                      float(np.asarray(vol, float).sum()))}
+    return (out["images"], out["labels"]), info
 
 
 def record_shard(proj: Project, spec: str) -> list[str]:

@@ -433,7 +433,8 @@ def end_epoch(state: RegionState, epoch: int, train_loss, train_acc, per_head_va
 
 def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.Array,
                   progress: Callable[[dict], None] | None = None, resume_state: dict | None = None,
-                  checkpoint_cb: Callable[[int | str, int, dict], None] | None = None) -> dict:
+                  checkpoint_cb: Callable[[int | str, int, dict], None] | None = None,
+                  synthetic: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Train the classifiers of `region_ids` together.
 
     images: (n, N, N) float32, normalised (numpy or memmap).  labels: (n,) int region of every
@@ -448,6 +449,9 @@ def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.
       best variables, the optimiser state and the history.
     resume_state: {unit: state dict} as passed to checkpoint_cb, possibly round-tripped through
       the checkpoint bytes; training continues after its last epoch.
+    synthetic: None, or (images (m, N, N), labels (m,)) made from the reference
+      (``core.synthetic``): added to the training part only, never to the validation part, so early
+      stopping and `predict --coverage` see real particles alone.
     Returns {region: {"params", "batch_stats", "history": [{epoch, train_loss, train_acc, val_loss,
       val_acc}], "best_epoch", "arch", "head", "warning"}} — the best-epoch variables; a skipped
       region has params None and a warning string.
@@ -459,8 +463,11 @@ def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.
     if labels.shape != (images.shape[0],):
         raise DeepAlignError(f"training labels: {labels.shape[0]} labels for {images.shape[0]} images")
     split = split_train_val(key, labels, cfg.validation_fraction)
-    data = TrainData(jnp.asarray(np.asarray(images[split.train], np.float32)), labels[split.train],
-                     np.asarray(images[split.val], np.float32), labels[split.val])
+    train_images, train_labels = np.asarray(images[split.train], np.float32), labels[split.train]
+    if synthetic is not None:
+        train_images = np.concatenate([train_images, np.asarray(synthetic[0], np.float32)])
+        train_labels = np.concatenate([train_labels, np.asarray(synthetic[1]).astype(np.int64)])
+    data = TrainData(jnp.asarray(train_images), train_labels, np.asarray(images[split.val], np.float32), labels[split.val])
     hooks = Hooks(progress, checkpoint_cb, resume_state or {})
 
     results: dict[int, dict] = {}
