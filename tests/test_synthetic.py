@@ -157,3 +157,14 @@ def test_synthetic_examples_join_training_only_never_validation(monkeypatch):
     assert (with_syn.val_images < 50).all()  # no synthetic image (offset by 100) among them
     assert with_syn.y_train.size == without.y_train.size + 30
     assert np.array_equal(np.asarray(with_syn.train_images)[-30:], syn[0])
+
+
+def test_train_with_a_reference_at_a_coarser_pixel_is_refused_before_anything_is_written(sim_project_labelled, tmp_path):
+    """The reference checks are align's: a map coarser than the working pixel is an error naming it."""
+    from deepalign_cli.errors import DeepAlignError
+
+    mrc.write_map(tmp_path / "coarse.mrc", np.ones((8, 8, 8), np.float32), 40.0)
+    r = invoke("train", sim_project_labelled, "--synthetic-per-region", 10, "--reference", tmp_path / "coarse.mrc")
+    assert isinstance(r.exception, DeepAlignError) and "coarse.mrc" in str(r.exception), r.output
+    assert "coarser than the particles' working pixel" in str(r.exception)
+    assert not (sim_project_labelled / "train").exists()

@@ -5,10 +5,15 @@ Examples:
     deepalign train demo --config configs/demo.yaml
     deepalign train ribo --config configs/ribosome.yaml --regions 0-9      # one SLURM shard
     deepalign train ribo --config configs/ribosome.yaml --resume           # after an interruption
+    deepalign train ribo --synthetic-per-region 200                        # + examples made from the reference
 
 Images are the labelled particles prepared like every stage (Fourier crop to target/3 Å per pixel,
 background normalisation). Every region trains in the same run on balanced batches with random
 in-plane rotations and shifts; a validation split drives early stopping and the best epoch is kept.
+With train.synthetic_per_region N > 0, N examples per region made from the reference (align's:
+--reference, else PROJECT/reconstruct/reference/map.mrc, else the labelled subset's map) with real
+particles' CTFs, the data's shift range and noise spectrum at the measured SNR (core/synthetic.py)
+join the training part; validation and predict's --coverage calibration stay on real particles.
 Writes PROJECT/train/region_XXX.msgpack (one self-contained checkpoint per region),
 metrics.json, metrics.csv and curves.png; `--regions` trains a subset (shards can run in parallel
 and the last one to finish writes the metrics and marks the stage done).
