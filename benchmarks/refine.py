@@ -6,6 +6,10 @@
     .venv/bin/python benchmarks/refine.py --n-particles 3000 --relion-particles 1000
     .venv/bin/python benchmarks/refine.py --skip-relion --align-exhaustive
 
+Measured on the 2-core CPU (2026-12-06, shared with other jobs, benchmarks/RESULTS.md): 3,000
+particles with RELION on 1,000 took 65 min, 60 of them RELION's (11 iterations, three of them
+global at 3.75°); data + deepalign + scoring ~5 min. RELION's time grows about linearly with K.
+
 1. **Data** (`make_dataset`): the map as it is; N particles (``--n-particles``, default 10,000)
    with uniform random poses (C1), origins uniform in ±3 px, defocus 1.0–2.5 µm with ≤ 600 Å
    astigmatism (300 kV, Cs 2.7 mm, Q0 0.1) projected by ``relion_project --ctf``; noise = crops
@@ -460,8 +464,14 @@ def main() -> int:
     res["methods"] = methods
 
     tr, ar, rl_ = methods["truth"], methods["align_refine"], methods.get("relion")
-    goal = {"refine_map_within_10pct_of_true_poses_fsc0143": ar["same_fsc0143_ang"] <= 1.1 * tr["same_fsc0143_ang"],
-            "refine_own_map_within_10pct_of_true_poses_fsc0143": ar.get("own_fsc0143_ang", 1e9) <= 1.1 * tr["same_fsc0143_ang"]}
+    # FSC against the truth: 0.5 is the criterion comparable to the half-set 0.143; the 0.143 crossing
+    # against the truth sits at or near Nyquist for every pose set here (the curves are not monotonic)
+    goal = {f"refine_map_within_10pct_of_true_poses_{t}": ar[f"same_{t}_ang"] <= 1.1 * tr[f"same_{t}_ang"] for t in ("fsc05", "fsc0143")}
+    goal |= {f"refine_own_map_within_10pct_of_true_poses_{t}": ar.get(f"own_{t}_ang", 1e9) <= 1.1 * tr[f"same_{t}_ang"]
+             for t in ("fsc05", "fsc0143")}
+    if "truth_k" in methods:
+        goal["refine_map_within_10pct_of_true_poses_fsc05_relion_particles"] = (methods["align_refine_k"]["same_fsc05_ang"]
+                                                                                  <= 1.1 * methods["truth_k"]["same_fsc05_ang"])
     if rl_:
         cmp = ar.get("on_relion_particles", ar)
         goal["align_refine_at_least_as_accurate_as_relion"] = (cmp["median_deg"] <= rl_["median_deg"]
