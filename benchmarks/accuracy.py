@@ -168,6 +168,30 @@ def make_noise(n: int, seed: int, micrograph: Path | None) -> np.ndarray:
     return np.asarray(simulate.micrograph_noise(jax.random.PRNGKey(seed + 1), mic, n, BOX))
 
 
+def relion_project_particles(case_dir: Path, rng, n: int, pixel: float, box: int, timeout: float):
+    """Clean particles of case_dir/truth_map.mrc by real ``relion_project --ctf``: poses uniform on
+    SO(3), origins uniform in ±MAX_ORIGIN_PX, defocus in DEFOCUS_RANGE_ANG with ≤ MAX_ASTIGMATISM_ANG
+    astigmatism (drawn from rng, in that order). Writes case_dir/poses.star and proj.mrcs.
+    Returns (clean (n, box, box) float32, eulers (n, 3), origins_ang (n, 2), ctf dict, seconds)."""
+    from deepalign_cli.io import mrc, star
+
+    eulers = np.stack([rng.uniform(-180, 180, n), np.degrees(np.arccos(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)], 1)
+    origins_ang = rng.uniform(-MAX_ORIGIN_PX, MAX_ORIGIN_PX, (n, 2)) * pixel
+    du = rng.uniform(*DEFOCUS_RANGE_ANG, n)
+    ctf = dict(defocus_u_ang=du, defocus_v_ang=du - rng.uniform(0, MAX_ASTIGMATISM_ANG, n),
+               defocus_angle_deg=rng.uniform(0, 180, n), **OPTICS)
+    proj_names = [f"{i + 1:06d}@proj.mrcs" for i in range(n)]
+    star.write_particles(case_dir / "poses.star", star.make_table(proj_names, eulers, origins_ang, pixel, box, ctf=ctf))
+    cmd = ["relion_project", "--i", "truth_map.mrc", "--o", "proj", "--ang", "poses.star", "--ctf", "--angpix", f"{pixel}"]
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=case_dir, check=True, capture_output=True, timeout=timeout)
+    seconds = time.perf_counter() - t
+    clean = np.array(mrc.open_stack(case_dir / "proj.mrcs"), np.float32)
+    if clean.shape != (n, box, box):
+        raise RuntimeError(f"relion_project wrote {clean.shape}, expected {(n, box, box)}")
+    return clean, eulers, origins_ang, ctf, seconds
+
+
 def make_dataset(case_dir: Path, sym: str, n: int, seed: int, snr: float = SNR, micrograph: Path | None = None) -> dict:
     """Truth map, relion_project particles with CTF + noise, particle/truth/subset STARs."""
     from deepalign_cli.core import preprocess
@@ -184,21 +208,7 @@ def make_dataset(case_dir: Path, sym: str, n: int, seed: int, snr: float = SNR, 
     mrc.write_map(case_dir / "truth_map.mrc", vol, PIXEL_ANG)
 
     rng = np.random.default_rng(seed)
-    eulers = np.stack([rng.uniform(-180, 180, n), np.degrees(np.arccos(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)], 1)
-    origins_ang = rng.uniform(-MAX_ORIGIN_PX, MAX_ORIGIN_PX, (n, 2)) * PIXEL_ANG
-    du = rng.uniform(*DEFOCUS_RANGE_ANG, n)
-    ctf = dict(defocus_u_ang=du, defocus_v_ang=du - rng.uniform(0, MAX_ASTIGMATISM_ANG, n),
-               defocus_angle_deg=rng.uniform(0, 180, n), **OPTICS)
-
-    proj_names = [f"{i + 1:06d}@proj.mrcs" for i in range(n)]
-    star.write_particles(case_dir / "poses.star", star.make_table(proj_names, eulers, origins_ang, PIXEL_ANG, BOX, ctf=ctf))
-    cmd = ["relion_project", "--i", "truth_map.mrc", "--o", "proj", "--ang", "poses.star", "--ctf", "--angpix", f"{PIXEL_ANG}"]
-    t = time.perf_counter()
-    subprocess.run(cmd, cwd=case_dir, check=True, capture_output=True, timeout=1800)
-    project_s = time.perf_counter() - t
-    clean = np.array(mrc.open_stack(case_dir / "proj.mrcs"), np.float32)
-    if clean.shape != (n, BOX, BOX):
-        raise RuntimeError(f"relion_project wrote {clean.shape}, expected {(n, BOX, BOX)}")
+    clean, eulers, origins_ang, ctf, project_s = relion_project_particles(case_dir, rng, n, PIXEL_ANG, BOX, timeout=1800)
     sigma = float(np.sqrt(clean.var() / snr))
     noisy = clean + sigma * make_noise(n, seed, micrograph)
     noisy = np.asarray(preprocess.normalize_background(noisy, 0.75))

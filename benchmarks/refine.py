@@ -133,21 +133,7 @@ def make_dataset(case_dir: Path, n: int, seed: int, snr: float, micrograph: Path
     mrc.write_map(case_dir / "truth_map.mrc", vol, pixel)
 
     rng = np.random.default_rng(seed)
-    eulers = np.stack([rng.uniform(-180, 180, n), np.degrees(np.arccos(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)], 1)
-    origins_ang = rng.uniform(-MAX_ORIGIN_PX, MAX_ORIGIN_PX, (n, 2)) * pixel
-    du = rng.uniform(*DEFOCUS_RANGE_ANG, n)
-    ctf = dict(defocus_u_ang=du, defocus_v_ang=du - rng.uniform(0, MAX_ASTIGMATISM_ANG, n),
-               defocus_angle_deg=rng.uniform(0, 180, n), **OPTICS)
-
-    proj_names = [f"{i + 1:06d}@proj.mrcs" for i in range(n)]
-    star.write_particles(case_dir / "poses.star", star.make_table(proj_names, eulers, origins_ang, pixel, box, ctf=ctf))
-    cmd = ["relion_project", "--i", "truth_map.mrc", "--o", "proj", "--ang", "poses.star", "--ctf", "--angpix", f"{pixel}"]
-    t = time.perf_counter()
-    subprocess.run(cmd, cwd=case_dir, check=True, capture_output=True, timeout=3600)
-    project_s = time.perf_counter() - t
-    clean = np.array(mrc.open_stack(case_dir / "proj.mrcs"), np.float32)
-    if clean.shape != (n, box, box):
-        raise RuntimeError(f"relion_project wrote {clean.shape}, expected {(n, box, box)}")
+    clean, eulers, origins_ang, ctf, project_s = accuracy.relion_project_particles(case_dir, rng, n, pixel, box, timeout=3600)
     sigma = float(np.sqrt(clean.var() / snr))
     image, mic_pixel = mrc.read_image(micrograph)
     mic = simulate.resample_micrograph(image, mic_pixel, pixel)
