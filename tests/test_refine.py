@@ -316,3 +316,43 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(refine_sim, tm
     a = json.loads((whole / "refine" / "summary.json").read_text())["history"]
     b = json.loads((cut / "refine" / "summary.json").read_text())["history"]
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in a] == [{k: v for k, v in h.items() if k != "seconds"} for h in b]
+
+
+def _c4_agreement(vol) -> float:
+    """Min NCC between projections of vol at poses A and A·R (R the C4 rotations), 4 random poses:
+    ≈ 1 for a C4-symmetric map."""
+    from deepalign_cli.core import symmetry
+
+    ops = symmetry.symmetry_operators("C4").astype(np.float32)
+    rng = np.random.default_rng(1)
+    eul = np.stack([rng.uniform(-180, 180, 4), np.degrees(np.arccos(rng.uniform(-1, 1, 4))), rng.uniform(-180, 180, 4)], 1)
+    A = geometry.eulers_to_matrices(eul).astype(np.float32)
+    vft = projector.prepare_volume(np.asarray(vol, np.float32))
+    base = np.asarray(projector.project(vft, A))
+    worst = 1.0
+    for R in ops[1:]:
+        other = np.asarray(projector.project(vft, A @ R))
+        for a, b in zip(base, other):
+            a, b = a - a.mean(), b - b.mean()
+            worst = min(worst, float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())))
+    return worst
+
+
+def test_symmetry_is_applied_to_every_reconstruction(tmp_path):
+    """With regions.symmetry C4 every particle counts four times (poses A·R): the half maps are C4
+    symmetric although the particles (the asymmetric ribosome) are not. Measured (40 particles,
+    32 px): the worst projection agreement is 0.98 for the C4 half maps (interpolation of a 32-px
+    map) and 0.02 for the C1 ones; the bound 0.9 sits between with room on both sides."""
+    proj = _small_project(tmp_path)
+    truth = proj / "simulated" / "truth.star"
+    from deepalign_cli.config import RefineConfig
+    from deepalign_cli.io.project import Project
+
+    p = Project.open(proj)
+    agreement = {}
+    for sym in ("C1", "C4"):
+        inp = refine_cmd.load_inputs(p, truth, None, None, RefineConfig(), None, 0.01, sym)
+        assert inp.symmetry == sym and len(inp.ops) == int(sym[1])
+        state = refine_cmd.first_state(inp, RefineConfig())
+        agreement[sym] = min(_c4_agreement(state.half1), _c4_agreement(state.half2))
+    assert agreement["C4"] > 0.9 > agreement["C1"], agreement

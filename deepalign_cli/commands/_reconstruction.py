@@ -130,6 +130,12 @@ def load_reference(proj: Project, path: Path | None, source: ParticleSource, pre
     return result["map"], f"on the fly from {labels}"
 
 
+def project_symmetry(proj: Project, cfg) -> str:
+    """The point group of the regions `label` recorded (else the config's regions.symmetry)."""
+    reg_dict = proj.stage_config("regions")
+    return (RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions).symmetry
+
+
 def project_regions(proj: Project, cfg) -> tuple[np.ndarray, np.ndarray]:
     """(region centres (R, 3), symmetry operators (G, 3, 3)) of the regions `label` recorded (else the config's)."""
     reg_dict = proj.stage_config("regions")

@@ -10,6 +10,8 @@ Input: PROJECT/align/aligned.star, or --from any STAR/.cs/.xmd with poses whose 
 project's box and pixel. Half sets: the input's rlnRandomSubset (1/2) when it has one, else a random
 split (refine.seed) written to the output. Each half is refined only against a reconstruction of
 its own particles; the halves share only what is coarser than refine.join_resolution_ang (40 Å).
+Symmetry: the project's point group (label's regions.symmetry, as RELION's --sym): every
+reconstruction counts each particle at all its symmetry-equivalent poses A·R.
 
 Iteration 0 reconstructs both halves from the input poses at twice the project's working box (up
 to the full box; FSC → starting resolution). Each following iteration: the working box grows to the current resolution
@@ -54,7 +56,8 @@ from ..io.particles import read_any
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest, stage_config
-from ._reconstruction import fsc_csv, project_preprocess, reference_at_working_geometry
+from ._reconstruction import fsc_csv, project_preprocess, project_symmetry, reference_at_working_geometry
+from .symmetry_arg import operators_for
 
 STAGE = "refine"
 SUBSET_COLUMN = "rlnRandomSubset"
@@ -81,6 +84,8 @@ class Inputs:
     mask: np.ndarray | None  # at the particles' box, or None: a soft sphere of the diameter
     reference: np.ndarray | None  # at the particles' box, or None
     wiener_constant: float
+    symmetry: str  # the project's point group (RELION's name)
+    ops: np.ndarray  # (G, 3, 3) its operators: every particle is back-projected at A·R for each R
 
 
 @dataclass
@@ -139,7 +144,7 @@ def read_mask(path: Path, box: int, pixel: float) -> np.ndarray:
 
 
 def load_inputs(proj: Project, from_star: Path | None, reference: Path | None, mask: Path | None, rf: RefineConfig,
-                config_path: Path | None, wiener_constant: float) -> Inputs:
+                config_path: Path | None, wiener_constant: float, symmetry: str) -> Inputs:
     """Everything refine reads, checked before anything is written."""
     path = Path(from_star) if from_star is not None else proj.output("align", "aligned.star")
     if not path.is_file():
@@ -160,7 +165,9 @@ def load_inputs(proj: Project, from_star: Path | None, reference: Path | None, m
             raise DeepAlignError(f"{reference}: reference map not found")
         ref = reference_at_working_geometry(Path(reference), box_in, pixel_in)
     user_mask = read_mask(Path(mask), box_in, pixel_in) if mask is not None else None
-    return Inputs(table, path, eulers, origins, half, from_input, pre, box_in, pixel_in, diameter, user_mask, ref, wiener_constant)
+    ops, sym = operators_for(symmetry, option="regions.symmetry")
+    return Inputs(table, path, eulers, origins, half, from_input, pre, box_in, pixel_in, diameter, user_mask, ref, wiener_constant,
+                  sym, ops)
 
 
 def mask_at(inp: Inputs, box: int) -> np.ndarray:
@@ -223,9 +230,10 @@ def _pass(src: ParticleSource, inp: Inputs, state_poses, refs, geo: refinement.I
                         score[idx[part]] = np.asarray(sc)[:k]
                 rows = idx[local]
                 ctf = None if ctf_all is None else {k: (np.asarray(v)[local] if np.ndim(v) else v) for k, v in ctf_all.items()}
-                num, wt = reconstruction.backproject(images[local], geometry.matrix_to_euler(rotmats[rows].astype(float)),
-                                                     origins_ang[rows] / pixel, ctf, pixel)
-                grids[h] = (num, wt) if grids[h] is None else (grids[h][0] + num, grids[h][1] + wt)
+                for op in inp.ops:  # a symmetric map: pose A and A·R give the same image (RELION's --sym)
+                    num, wt = reconstruction.backproject(images[local], geometry.matrix_to_euler(rotmats[rows].astype(float) @ op),
+                                                         origins_ang[rows] / pixel, ctf, pixel)
+                    grids[h] = (num, wt) if grids[h] is None else (grids[h][0] + num, grids[h][1] + wt)
             done += len(idx)
             bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.0f} particles/s")
     halves = [np.asarray(reconstruction.finalize(*grids[h], box=box, wiener_constant=inp.wiener_constant)) for h in (1, 2)]
@@ -356,13 +364,13 @@ def command(
 
 def _refine(project, from_star, reference, mask, iterations, resume, config, force) -> None:
     _, rf = stage_config(config, STAGE, iterations=iterations)
-    _, rec = stage_config(config, "reconstruct")
+    cfg, rec = stage_config(config, "reconstruct")
     proj = Project.open(project)
     check_can_run(proj, STAGE, force)
     out_dir = proj.root / STAGE
     with Timer() as t:
-        inp = load_inputs(proj, from_star, reference, mask, rf, config, rec.wiener_constant)
-        digest = settings_digest(STAGE, rf, rec, inp.pre, hashlib.sha256(inp.path.read_bytes()).digest(), array_digest(inp.half),
+        inp = load_inputs(proj, from_star, reference, mask, rf, config, rec.wiener_constant, project_symmetry(proj, cfg))
+        digest = settings_digest(STAGE, rf, rec, inp.pre, inp.symmetry, hashlib.sha256(inp.path.read_bytes()).digest(), array_digest(inp.half),
                                  None if inp.reference is None else array_digest(inp.reference),
                                  None if inp.mask is None else array_digest(inp.mask))
         store = ChunkStore.for_stage(out_dir, digest, resume)
@@ -372,6 +380,7 @@ def _refine(project, from_star, reference, mask, iterations, resume, config, for
     hist = state.history
     summary = {"from": str(inp.path.resolve()), "n_particles": len(inp.table),
                "half_sizes": [int((inp.half == 1).sum()), int((inp.half == 2).sum())],
+               "symmetry": inp.symmetry,
                "halves_from": SUBSET_COLUMN if inp.half_from_input else f"random split (seed {rf.seed})",
                "reference": str(Path(reference).resolve()) if reference is not None else "each half's reconstruction from the input poses",
                "mask": str(Path(mask).resolve()) if mask is not None else f"soft sphere, {inp.diameter_ang:.1f} Å diameter",
