@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import best_seconds, matmul_flops, write_result, xla_cost  # noqa: E402
 
-from deepalign_cli.core import ctf, gallery, geometry, preprocess, projector, regions, score, search, symmetry  # noqa: E402
+from deepalign_cli.core import alignment, ctf, gallery, geometry, preprocess, projector, regions, score, search, symmetry  # noqa: E402
 
 MAP = Path(os.environ.get("DEEPALIGN_DATA", "/work/shared/data")) / "ribosome70S_65.mrc"
 PIXEL_ANG = 5.0
@@ -110,7 +110,7 @@ def _timed(images, vol_ft, cands, centres, ops, params, opts, exhaustive):
 
     def run(m):
         sub = {k: (v[:m] if np.ndim(v) else v) for k, v in params.items()}
-        return search.align_particles(images[:m], vol_ft, cands[:m], centres, ops, ctf_params=sub, exhaustive=exhaustive, **opts)
+        return alignment.align_particles(images[:m], vol_ft, cands[:m], centres, ops, ctf_params=sub, exhaustive=exhaustive, **opts)
 
     run(len(images) if not exhaustive else min(len(images), 64))  # warm-up: compiles the programs
     t = time.perf_counter()

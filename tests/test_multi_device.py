@@ -32,7 +32,7 @@ SCRIPT = r'''
 import json, sys
 import jax, mrcfile, numpy as np
 from deepalign_cli.config import TrainConfig
-from deepalign_cli.core import cnn, devices, geometry, inference, preprocess, projector, regions, search, simulate, symmetry, training
+from deepalign_cli.core import alignment, cnn, devices, geometry, inference, preprocess, projector, regions, simulate, symmetry, training
 
 out_path, map_path = sys.argv[1], sys.argv[2]
 sharded = []  # (axis name, number of devices of every leaf) of every multi-device placement
@@ -83,13 +83,13 @@ centres = regions.region_centres(30.0, ops)
 truth, _ = regions.assign_regions(geometry.eulers_to_matrices(sim["eulers_deg"])[:, 2, :], centres, ops)
 candidates = np.stack([truth, (truth + 1 + np.arange(10) % 3) % len(centres)], axis=1)
 ctf = {k: sim[k] for k in ("defocus_u_ang", "defocus_v_ang", "defocus_angle_deg")}
-aligned = search.align_particles(
+aligned = alignment.align_particles(
     sim["images"], projector.prepare_volume(vol), candidates, centres, ops, pixel_size_ang=pixel,
     angular_step_deg=15.0, psi_step_deg=15.0, margin_deg=5.0, max_shift_px=3.0,
     ctf_params=dict(ctf, voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1))
 res.update({"align_" + k: v for k, v in aligned.items() if k != "seconds"}, truth_eulers=sim["eulers_deg"])
 # a budget too small for the reference table: references projected per group and chunk
-tight = search.align_particles(
+tight = alignment.align_particles(
     sim["images"], projector.prepare_volume(vol), candidates, centres, ops, pixel_size_ang=pixel,
     angular_step_deg=15.0, psi_step_deg=15.0, margin_deg=5.0, max_shift_px=3.0, refine=False,
     memory_budget_gb=2e-4, ctf_params=dict(ctf, voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1))

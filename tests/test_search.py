@@ -16,7 +16,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from deepalign_cli.core import gallery, geometry, preprocess, projector, regions, score, search, symmetry
+from deepalign_cli.core import alignment, gallery, geometry, preprocess, projector, regions, score, search, symmetry
 from deepalign_cli.core.ctf import ctf_2d
 
 MAP = "/work/shared/data/ribosome70S_65.mrc"
@@ -66,7 +66,7 @@ def _particles(vol_ft, seed, n, region, snr=None):
 def _align(vol_ft, images, params, candidates, **kw):
     opts = dict(pixel_size_ang=PIXEL, angular_step_deg=STEP, psi_step_deg=PSI_STEP, margin_deg=5.0,
                 max_shift_px=MAX_SHIFT, ctf_params=params)
-    return search.align_particles(images, vol_ft, candidates, CENTRES, C1, **{**opts, **kw})
+    return alignment.align_particles(images, vol_ft, candidates, CENTRES, C1, **{**opts, **kw})
 
 
 def _errors(out, eulers):
@@ -196,22 +196,22 @@ def test_table_cache_projects_once_per_run_and_changes_no_pose(vol_ft):
 
 
 def test_particles_whose_candidates_cover_the_unit_are_searched_whole(vol_ft):
-    lattice = search.sphere_lattice(15.0)
+    lattice = gallery.sphere_lattice(15.0)
     every = np.arange(len(CENTRES))
     cands = np.full((4, len(CENTRES)), -1)
     cands[:2, :2] = [20, 21]  # two regions: a tenth of the sphere
     cands[2:] = every  # every region: the margins make the sum ~1.5× the sphere
-    wide = search.wide_candidate_particles(cands, 4, lattice, CENTRES, C1, 5.0)
+    wide = alignment.wide_candidate_particles(cands, 4, lattice, CENTRES, C1, 5.0)
     assert wide.tolist() == [False, False, True, True]
     # a region listed twice counts once; a whole-sphere margin makes even one region "wide"
-    assert not search.wide_candidate_particles(np.array([[20, 20, 20]]), 1, lattice, CENTRES, C1, 5.0)[0]
-    assert search.wide_candidate_particles(np.array([[20]]), 1, lattice, CENTRES, C1, 180.0)[0]
+    assert not alignment.wide_candidate_particles(np.array([[20, 20, 20]]), 1, lattice, CENTRES, C1, 5.0)[0]
+    assert alignment.wide_candidate_particles(np.array([[20]]), 1, lattice, CENTRES, C1, 180.0)[0]
     # cost counts padded reference rows: at 7.5° with align's 11.55° margin, 20 of 42 regions hold
     # ~90 % of the unit's directions, but their 48 psi each padded to 512-row chunks cost more
     twenty = np.arange(20)[None]
-    fine = search.sphere_lattice(7.5)
-    assert not search.wide_candidate_particles(twenty, 1, fine, CENTRES, C1, 11.55)[0]
-    assert search.wide_candidate_particles(twenty, 1, fine, CENTRES, C1, 11.55, n_psi=48, row_chunk=512)[0]
+    fine = gallery.sphere_lattice(7.5)
+    assert not alignment.wide_candidate_particles(twenty, 1, fine, CENTRES, C1, 11.55)[0]
+    assert alignment.wide_candidate_particles(twenty, 1, fine, CENTRES, C1, 11.55, n_psi=48, row_chunk=512)[0]
 
     images, _, _, params = _particles(vol_ft, seed=8, n=4, region=20, snr=1.0)
     seen = []
@@ -234,7 +234,7 @@ def test_a_handful_of_restricted_particles_among_wide_ones_is_searched_whole(vol
     cands[0, :] = -1
     cands[0, :2] = [20, 21]  # narrow: 1 of 25 = 4 % < 5 %
     images, _, _, params = _particles(vol_ft, seed=9, n=25, region=20, snr=1.0)
-    assert search.RESTRICTED_MIN_FRACTION > 1 / 25
+    assert alignment.RESTRICTED_MIN_FRACTION > 1 / 25
     mixed = _align(vol_ft, images, params, cands, angular_step_deg=15.0, psi_step_deg=15.0)
     whole = _align(vol_ft, images, params, None, angular_step_deg=15.0, psi_step_deg=15.0, exhaustive=True)
     assert mixed["whole_unit"].all()

@@ -50,7 +50,7 @@ import typer
 
 from .. import plots
 from ..core import gallery, preprocess, projector
-from ..core.search import RESTRICTED_MIN_FRACTION, align_particles
+from ..core.alignment import RESTRICTED_MIN_FRACTION, align_particles
 from ..errors import DeepAlignError
 from ..io import star
 from ..io.atomic import staged_dir, write_text_atomic
