@@ -20,7 +20,10 @@ Per case (C1, and C4 with a C4-symmetrised map):
    10 % is the pre-aligned subset (true poses); the rest are the held-out particles scored below.
 2. **deepalign**, through its CLI in subprocesses: init → label (--spacing 30) → train → predict
    (top-2) → reconstruct the subset's map (the paper's reference) → align → reconstruct → report
-   --truth; and ``align --exhaustive`` (whole asymmetric unit, no CNN) from the same reference.
+   --truth; and ``align --exhaustive`` (whole asymmetric unit, no CNN) from the same reference;
+   and ``refine`` of align's poses (defaults, Crowther diameter 300 Å; ``--skip-refine``: not).
+   ``--synthetic-per-region N``: train also learns from N examples per region made from the
+   subset's map (``train.synthetic_per_region``, issue 24).
    Settings (`DEEPALIGN_CONFIG`, written to WORKDIR/SYM/deepalign.yaml and stored in the JSON):
    30 Å target resolution (32 px working box, as the demo), 42 regions (C1) / 10 (C4) at 30°, the
    paper's per-region nets (``--model polar_trunk``: the polar trunk, same budget per region)
@@ -107,6 +110,8 @@ DEEPALIGN_CONFIG = {
     # (the mean number kept is reported) instead of being searched in two wrong ones
     "predict": {"cumulative_p": 0.5},
     "align": {"angular_step_deg": 7.5, "max_shift_px": 3.0},
+    # align + refine (issue 25): the same diameter RELION gets (Crowther step and the default mask)
+    "refine": {"particle_diameter_ang": PARTICLE_DIAMETER_ANG},
 }
 
 
@@ -251,12 +256,15 @@ def run_timed(cmd: list[str], cwd: Path, log_path: Path, timeout: float = 7200, 
 QUICK_TRAIN = {"images_per_region": 512}  # --quick: 4 steps per region and epoch
 
 
-def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None) -> dict:
+def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None,
+                           synthetic_per_region: int = 0) -> dict:
     import yaml
 
     cfg = json.loads(json.dumps(DEEPALIGN_CONFIG))
     cfg["regions"]["symmetry"] = sym
     cfg["train"]["model"] = model
+    if synthetic_per_region:
+        cfg["train"]["synthetic_per_region"] = synthetic_per_region
     if coverage is not None:
         cfg["predict"] = {"coverage": coverage}
     if quick:
@@ -270,9 +278,10 @@ def _whole_fraction(summary: dict) -> float | None:
     return summary["whole_unit_particles"] / n if n and "whole_unit_particles" in summary else None
 
 
-def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None) -> dict:
+def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None,
+                  synthetic_per_region: int = 0, refine: bool = True) -> dict:
     cfg_path = case_dir / "deepalign.yaml"
-    cfg = write_deepalign_config(cfg_path, sym, quick, model, coverage)
+    cfg = write_deepalign_config(cfg_path, sym, quick, model, coverage, synthetic_per_region)
     p = case_dir / "da"
     if p.exists():
         shutil.rmtree(p)
@@ -282,11 +291,13 @@ def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_regio
     steps = [
         ("init", ["init", p, "--particles", case_dir / "particles.star", *c]),
         ("label", ["label", p, "--subset", case_dir / "subset.star", "--sym", sym, "--spacing", f"{REGION_SPACING_DEG:g}", *c]),
+        # the subset's map first: align's reference, and train's for synthetic examples
+        ("reference", ["reconstruct", p, "--from", p / "label" / "labels.star", "--out", "reference", *c]),
         ("train", ["train", p, *c]),
         ("predict", ["predict", p, *c]),
-        ("reference", ["reconstruct", p, "--from", p / "label" / "labels.star", "--out", "reference", *c]),
         ("align", ["align", p, *c]),
         ("reconstruct", ["reconstruct", p, *c]),
+        *([("refine", ["refine", p, *c])] if refine else []),
         ("align_exhaustive", ["align", p, "--exhaustive", *c]),
         ("reconstruct_exhaustive", ["reconstruct", p, "--from", p / "align_exhaustive" / "aligned.star", "--out", "exhaustive", *c]),
         ("report", ["report", p, "--truth", case_dir / "truth.star"]),
@@ -299,6 +310,14 @@ def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_regio
     report = json.loads((p / "report" / "report.json").read_text())
     align_summary = json.loads((p / "align" / "summary.json").read_text())
     shared = seconds["init"] + seconds["label"] + seconds["reference"]
+    pipeline = shared + seconds["train"] + seconds["predict"] + seconds["align"] + seconds["reconstruct"]
+    wall = {"deepalign": pipeline, "exhaustive": shared + seconds["align_exhaustive"] + seconds["reconstruct_exhaustive"]}
+    poses = {"deepalign": p / "align" / "aligned.star", "exhaustive": p / "align_exhaustive" / "aligned.star"}
+    own_maps = {"deepalign": p / "reconstruct" / "aligned" / "map.mrc", "exhaustive": p / "reconstruct" / "exhaustive" / "map.mrc"}
+    if refine:  # align + refine: the pipeline's poses refined (its own reconstruct is not needed for refine)
+        wall["refine"] = pipeline - seconds["reconstruct"] + seconds["refine"]
+        poses["refine"], own_maps["refine"] = p / "refine" / "refined.star", p / "refine" / "map.mrc"
+        refine_summary = json.loads((p / "refine" / "summary.json").read_text())
     return {
         "config": cfg,
         "stage_seconds": seconds,
@@ -306,12 +325,11 @@ def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_regio
         "mean_regions_kept": align_summary.get("mean_candidate_regions"),
         # particles whose kept regions cost as much as the asymmetric unit, searched over it whole
         "whole_unit_fraction": _whole_fraction(align_summary),
-        "wall_s": {
-            "deepalign": shared + seconds["train"] + seconds["predict"] + seconds["align"] + seconds["reconstruct"],
-            "exhaustive": shared + seconds["align_exhaustive"] + seconds["reconstruct_exhaustive"],
-        },
-        "poses": {"deepalign": p / "align" / "aligned.star", "exhaustive": p / "align_exhaustive" / "aligned.star"},
-        "own_maps": {"deepalign": p / "reconstruct" / "aligned" / "map.mrc", "exhaustive": p / "reconstruct" / "exhaustive" / "map.mrc"},
+        "wall_s": wall,
+        "poses": poses,
+        "own_maps": own_maps,
+        "refine": {k: refine_summary.get(k) for k in ("input_resolution_ang", "resolution_ang", "iterations", "final_box_px", "history")}
+        if refine else None,
     }
 
 
@@ -429,9 +447,10 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     pose_sets: dict = {}
     own_maps: dict = {}
     if not args.skip_deepalign:
-        da = run_deepalign(case_dir, sym, args.quick, args.model, args.coverage)
-        res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")} | {"model": args.model, "coverage": args.coverage}
-        for m in ("deepalign", "exhaustive"):
+        da = run_deepalign(case_dir, sym, args.quick, args.model, args.coverage, args.synthetic_per_region, not args.skip_refine)
+        res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")} | {
+            "model": args.model, "coverage": args.coverage, "synthetic_per_region": args.synthetic_per_region}
+        for m in da["poses"]:
             methods[m] = {"wall_s": da["wall_s"][m]}
             pose_sets[m], own_maps[m] = da["poses"][m], da["own_maps"][m]
         hit = (da["report"].get("predict") or {}).get("hit_rate", {})
@@ -463,10 +482,16 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     if d and r:
         res["goal"] = {"more_within_5": d["within_5_pct"] > r["within_5_pct"], "less_wall_time": d["wall_s"] < r["wall_s"]}
         res["goal"]["met"] = res["goal"]["more_within_5"] and res["goal"]["less_wall_time"]
+    f = methods.get("refine")
+    if f and r:  # issue 25: align + refine at least as accurate as RELION (≤ 5°, map) in less time
+        res["refine_goal"] = {"within_5_at_least": f["within_5_pct"] >= r["within_5_pct"],
+                              "map_at_least": f["fsc05_common_ang"] <= r["fsc05_common_ang"], "less_wall_time": f["wall_s"] < r["wall_s"]}
+        res["refine_goal"]["met"] = all(res["refine_goal"].values())
     return res
 
 
-LABELS = {"deepalign": "deepalign (CNN regions, cumulative p 0.5)", "exhaustive": "deepalign --exhaustive (no CNN)", "relion": "RELION relion_refine",
+LABELS = {"deepalign": "deepalign (CNN regions, cumulative p 0.5)", "exhaustive": "deepalign --exhaustive (no CNN)",
+          "refine": "deepalign align + refine", "relion": "RELION relion_refine",
           "truth": "true poses (ceiling)"}
 
 
@@ -479,6 +504,8 @@ def markdown(results: list[dict], relion_mode: str) -> str:
             label = LABELS[m] + (f" ({rl}, {res['relion'].get('iterations')} it.)" if m == "relion" else "")
             if m == "deepalign" and res.get("deepalign", {}).get("model", "per_region") != "per_region":
                 label = label.replace("CNN regions", f"{res['deepalign']['model']} regions")
+            if m == "deepalign" and res.get("deepalign", {}).get("synthetic_per_region"):
+                label = label.replace(" regions", f" regions + {res['deepalign']['synthetic_per_region']} synthetic examples per region", 1)
             if m == "deepalign" and res.get("deepalign", {}).get("coverage") is not None:
                 label = label.replace("cumulative p 0.5", f"coverage {res['deepalign']['coverage']:g}")
             if m == "deepalign" and s.get("kept_hit_rate") is not None:
@@ -504,7 +531,8 @@ def markdown(results: list[dict], relion_mode: str) -> str:
 NOTES = ("Held-out particles only (not in the 10 % pre-aligned subset); errors are full-rotation, minimised over the symmetry "
          "group. 'FSC0.5 same recon.': relion_reconstruct --ctf of all particles with that method's poses at 64 px against the "
          "true map (FSC = 0.5). 'own map': the method's own reconstruction (deepalign: reconstruct at its 32 px working box, "
-         "Nyquist 20.3 Å). Wall s: deepalign = init + label + train + predict + subset reference + align + reconstruct; "
+         "Nyquist 20.3 Å; refine: refine/map.mrc at 64 px). Wall s: deepalign = init + label + train + predict + subset "
+         "reference + align + reconstruct; align + refine = the same without reconstruct, + refine; "
          "--exhaustive = init + label + reference + align --exhaustive + reconstruct; RELION = relion_refine; every "
          "subprocess timed whole (start-up and JIT compilation included), on a 2-core machine shared with other jobs "
          "(load averages in the JSON).")
@@ -525,6 +553,9 @@ def main() -> int:
     ap.add_argument("--model", choices=["per_region", "polar_trunk"], default="per_region",
                     help="deepalign's region classifier (train.model)")
     ap.add_argument("--skip-relion", action="store_true")
+    ap.add_argument("--skip-refine", action="store_true", help="no align + refine row")
+    ap.add_argument("--synthetic-per-region", type=int, default=0,
+                    help="train.synthetic_per_region: examples made from the subset's map per region (issue 24)")
     ap.add_argument("--coverage", type=float, default=None,
                     help="predict --coverage C (calibrated on the held-out labelled particles) instead of cumulative p 0.5")
     ap.add_argument("--snr", type=float, default=SNR, help="var(signal) / var(noise) of the particles")
@@ -565,7 +596,8 @@ def main() -> int:
                      "particle_diameter_ang": PARTICLE_DIAMETER_ANG, "relion_reference_lowpass_ang": REFERENCE_LOWPASS_ANG,
                      "relion_mode": args.relion_mode, "relion_iter": args.relion_iter if args.relion_mode == "global" else None,
                      "relion_healpix_order": args.relion_healpix, "fsc_threshold": FSC_THRESHOLD, "deepalign_config": DEEPALIGN_CONFIG, "deepalign_model": args.model,
-                     "quick_train_override": QUICK_TRAIN if args.quick else None, "seed": args.seed},
+                     "quick_train_override": QUICK_TRAIN if args.quick else None, "seed": args.seed,
+                     "synthetic_per_region": args.synthetic_per_region, "refine": not args.skip_refine},
         "total_s": time.perf_counter() - t0,
         "workdir": str(work),
     }
@@ -577,6 +609,9 @@ def main() -> int:
             g = res["goal"]
             print(f"\n{res['symmetry']}: goal (more held-out particles within 5° than RELION, in less wall time) "
                   f"{'MET' if g['met'] else 'NOT met'} (more within 5°: {g['more_within_5']}, less wall time: {g['less_wall_time']})")
+        if "refine_goal" in res:
+            g = res["refine_goal"]
+            print(f"{res['symmetry']}: align + refine at least as accurate as RELION in less time: {'MET' if g['met'] else 'NOT met'} ({g})")
     print(f"\ntotal {meta['total_s']:.0f} s; results → {out}")
     return 0
 
