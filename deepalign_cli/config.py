@@ -96,9 +96,6 @@ class TrainConfig(_Stage):
                                       "0: labelled particles only")
     synthetic_snr: float | None = Field(None, gt=0, description="SNR of the synthetic examples; default: measured on the labelled "
                                         "particles against the reference")
-    synthetic_noise: Literal["coloured", "particles"] = Field(
-        "coloured", description="synthetic examples' noise: Gaussian with the particles' radial power spectrum, or unlabelled "
-        "particles themselves (turned, mirrored; at SNR ≤ 0.05 mostly noise)")
     seed: int = 0
 
 

@@ -178,7 +178,6 @@ def synthetic_set(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarra
     import jax
 
     from ..core import projector, synthetic
-    from ..core.consensus import image_keys
     from ..core.score import particle_ctfs
     from ._reconstruction import load_reference, project_regions
 
@@ -191,12 +190,7 @@ def synthetic_set(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarra
         raise DeepAlignError(f"{proj.yaml_path}: {len(centres)} regions in the recorded region settings but {n_regions} labelled")
     project_src = ParticleSource(star.read_particles(proj.particles_star), cfg.preprocess) if proj.particles_star else src
     rows = np.unique(np.linspace(0, len(project_src) - 1, min(len(project_src), NOISE_SAMPLE)).astype(int))
-    if project_src is not src:  # labelled particles (validation, calibration) never become noise
-        (names, labelled), _ = image_keys([star.image_names(project_src.table), star.image_names(table)])
-        labelled = set(labelled)
-        rows = np.array([r for r in rows if names[r] not in labelled] or rows[:1], int)
-    sample = project_src.read(rows)
-    power = synthetic.radial_power(sample)
+    power = synthetic.radial_power(project_src.read(rows))
     ctf_all = project_src.ctf_params()
     origins_px = origins / src.pixel_ang
     if tc.synthetic_snr is not None:
@@ -210,13 +204,12 @@ def synthetic_set(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarra
     with Timer() as t:
         out = synthetic.synthetic_examples(jax.random.fold_in(jax.random.key(tc.seed), 7), vol_ft, n, centres, ops,
                                            pixel_ang=src.pixel_ang, ctf_rows=synthetic.ctf_table(ctf_all, len(project_src)),
-                                           noise_power=power, snr=snr, max_shift_px=max_shift, bg_radius_frac=cfg.preprocess.bg_radius_frac,
-                                           noise_bank=sample if tc.synthetic_noise == "particles" else None)
+                                           noise_power=power, snr=snr, max_shift_px=max_shift, bg_radius_frac=cfg.preprocess.bg_radius_frac)
     console.print(f"synthetic examples: {n} ({tc.synthetic_per_region} per region) from {ref_desc}, SNR {snr:.3g} ({how}), "
                   f"shifts ≤ {max_shift:.1f} px, noise spectrum of {len(rows)} particles, in {t.seconds:.1f} s")
-    info = {"n": n, "noise": tc.synthetic_noise, "reference": ref_desc, "snr": round(snr, 5), "snr_from": how, "max_shift_px": round(max_shift, 3),
+    info = {"n": n, "reference": ref_desc, "snr": round(snr, 5), "snr_from": how, "max_shift_px": round(max_shift, 3),
             "noise_particles": int(len(rows)), "seconds": round(t.seconds, 2),
-            "digest": settings_digest(tc.synthetic_noise, round(snr, 6), round(max_shift, 6), [round(float(v), 6) for v in power], ref_desc,
+            "digest": settings_digest(round(snr, 6), round(max_shift, 6), [round(float(v), 6) for v in power], ref_desc,
                                       float(np.asarray(vol, float).sum()))}
     return (out["images"], out["labels"]), info
 

@@ -89,29 +89,15 @@ def estimate_snr(images, vol_ft: projector.VolumeFT, eulers_deg, origins_px, ctf
     return float(np.clip(snr, *SNR_RANGE))
 
 
-def _bank_noise(key, bank, n: int):
-    """n noise images drawn from a bank of real images (m, N, N): each a random member, turned by
-    k·90° and mirrored at random, normalised to mean 0 and std 1."""
-    k_pick, k_turn = jax.random.split(key)
-    crops = bank[jax.random.randint(k_pick, (n,), 0, bank.shape[0])]
-    turn = jax.random.randint(k_turn, (n,), 0, 8)
-    turned = jnp.stack([jnp.rot90(crops, k, axes=(1, 2)) for k in range(4)])[turn % 4, jnp.arange(n)]
-    turned = jnp.where((turn >= 4)[:, None, None], turned[:, :, ::-1], turned)
-    turned = turned - turned.mean(axis=(1, 2), keepdims=True)
-    return turned / jnp.maximum(turned.std(axis=(1, 2), keepdims=True), 1e-30)
-
-
 @partial(jax.jit, static_argnames=("n", "use_ctf", "bg_radius_frac"))
 def synthetic_chunk(key, vol_ft: projector.VolumeFT, ctf_rows, noise_amplitude, snr, max_shift_px, pixel_ang, n: int, use_ctf: bool,
-                    bg_radius_frac: float = 0.75, noise_bank=None):
+                    bg_radius_frac: float = 0.75):
     """n synthetic particles: (images (n, N, N) float32 normalised like real ones, eulers (n, 3) degrees,
     origins (n, 2) px).
 
     ctf_rows: (m, 8) CTF parameters of real particles (CTF_KEYS order), each image draws one row.
     noise_amplitude: (N, N) sqrt of the noise power on the unshifted grid (:func:`noise_amplitude`).
     snr: var(signal) / var(noise) of the chunk.  max_shift_px: origins uniform in ±max (x, y).
-    noise_bank: None (coloured Gaussian noise), or (m, N, N) real images whose turned and mirrored
-    copies are the noise (:func:`_bank_noise`; noise_amplitude is then unused).
     """
     k_pose, k_shift, k_ctf, k_noise = jax.random.split(key, 4)
     box = vol_ft.box
@@ -122,11 +108,8 @@ def synthetic_chunk(key, vol_ft: projector.VolumeFT, ctf_rows, noise_amplitude, 
         rows = ctf_rows[jax.random.randint(k_ctf, (n,), 0, ctf_rows.shape[0])]
         ft = ft * ctf_mod.ctf_2d(box, pixel_ang, *(rows[:, i] for i in range(len(CTF_KEYS))))
     clean = jnp.real(jnp.fft.ifft2(ft))
-    if noise_bank is None:
-        noise = jnp.real(jnp.fft.ifft2(jnp.fft.fft2(jax.random.normal(k_noise, (n, box, box))) * noise_amplitude))
-        noise = noise / jnp.maximum(jnp.std(noise), 1e-30)
-    else:
-        noise = _bank_noise(k_noise, noise_bank, n)
+    noise = jnp.real(jnp.fft.ifft2(jnp.fft.fft2(jax.random.normal(k_noise, (n, box, box))) * noise_amplitude))
+    noise = noise / jnp.maximum(jnp.std(noise), 1e-30)
     sigma = jnp.std(clean) / jnp.sqrt(snr)
     images = normalize_background(clean + sigma * noise, bg_radius_frac)
     return images, eulers, origins
@@ -144,25 +127,22 @@ def noise_amplitude(power_per_shell, box: int) -> np.ndarray:
 
 def synthetic_examples(key, vol_ft: projector.VolumeFT, n: int, centres: np.ndarray, ops: np.ndarray, *, pixel_ang: float,
                        ctf_rows: np.ndarray | None, noise_power: np.ndarray, snr: float, max_shift_px: float,
-                       bg_radius_frac: float = 0.75, chunk: int = 256, noise_bank: np.ndarray | None = None) -> dict:
+                       bg_radius_frac: float = 0.75, chunk: int = 256) -> dict:
     """n synthetic particles with their region labels (module docstring).
 
     vol_ft: the reference at the working box and pixel.  centres (R, 3), ops (G, 3, 3): the project's
     regions.  ctf_rows: :func:`ctf_table` of the real particles (None: no CTF).  noise_power:
     :func:`radial_power` of real particles at the same box.  snr: :func:`estimate_snr`.
-    noise_bank: None, or real images (m, N, N) to draw the noise from (see :func:`synthetic_chunk`).
     Returns dict: images (n, N, N) float32, labels (n,) int (region of the projection direction),
     eulers_deg (n, 3), origins_px (n, 2).
     """
     amp = jnp.asarray(noise_amplitude(noise_power, vol_ft.box))
     rows = jnp.asarray(ctf_rows if ctf_rows is not None else np.zeros((1, len(CTF_KEYS)), np.float32))
-    bank = None if noise_bank is None else jnp.asarray(noise_bank, jnp.float32)
     chunk = max(1, min(chunk, n))
     images, eulers, origins = [], [], []
     for c, start in enumerate(range(0, n, chunk)):
         im, eu, og = synthetic_chunk(jax.random.fold_in(key, c), vol_ft, rows, amp, jnp.float32(snr), jnp.float32(max_shift_px),
-                                     jnp.float32(pixel_ang), n=chunk, use_ctf=ctf_rows is not None, bg_radius_frac=bg_radius_frac,
-                                     noise_bank=bank)
+                                     jnp.float32(pixel_ang), n=chunk, use_ctf=ctf_rows is not None, bg_radius_frac=bg_radius_frac)
         k = min(chunk, n - start)
         images.append(np.asarray(im)[:k])
         eulers.append(np.asarray(eu, float)[:k])
