@@ -145,6 +145,9 @@ class RefineConfig(_Stage):
                                                 "mask; default: the box size in Å")
     shift_range_px: float = Field(2.0, ge=0, description="integer shifts searched around each origin (working px), then sub-pixel passes")
     initial_lowpass_ang: float = Field(30.0, gt=0, description="--reference is low-passed to this for the first iteration (Å)")
+    global_passes: int = Field(1, ge=0, description="after the local iterations first converge, re-search every particle over the "
+                               "whole asymmetric unit against its own half map (align's box, step and shifts), then go on locally; "
+                               "this many times")
     ctf: bool = True
     memory_budget_gb: float = Field(4.0, gt=0)
     seed: int = Field(0, description="the random half split when the input has no rlnRandomSubset")

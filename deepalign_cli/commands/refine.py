@@ -20,9 +20,13 @@ FSC-weighted (sqrt(2·FSC/(1+FSC))) and masked (--mask, else a soft sphere of
 refine.particle_diameter_ang), every particle is searched locally — rotations within two Crowther
 steps of its pose, integer shifts within refine.shift_range_px, then sub-step passes — and both
 halves are reconstructed from the new poses. With --reference, the first iteration's references
-are that map low-passed to refine.initial_lowpass_ang instead. It stops when the median pose moves
-< half a step and either the box stopped growing and the resolution gains < 1 %, or the resolution
-reached the full box's Nyquist; or after --iterations.
+are that map low-passed to refine.initial_lowpass_ang instead. The local iterations have settled
+when the median pose moves < half a step and either the box stopped growing and the resolution
+gains < 1 %, or the resolution reached the full box's Nyquist. Then, refine.global_passes times
+(default once, and only when an iteration is left after it), a global pass re-searches every
+particle over the whole asymmetric unit at align's working box, step and shifts, each half against
+its own map, and the local iterations go on from those poses; otherwise it stops. --iterations caps
+all iterations (the global passes count).
 
 Writes PROJECT/refine/ (whole or not at all): refined.star (every input column kept, new poses,
 rlnRandomSubset, rlnDeepAlignRefineScore), half1.mrc, half2.mrc, map.mrc (the particles' box and
@@ -45,8 +49,9 @@ import numpy as np
 import typer
 
 from .. import plots
-from ..config import PreprocessConfig, RefineConfig
-from ..core import geometry, preprocess, projector, reconstruction, refinement
+from ..config import AlignConfig, PreprocessConfig, RefineConfig
+from ..core import gallery, geometry, preprocess, projector, reconstruction, refinement
+from ..core.alignment import align_particles
 from ..core.score import fourier_band, particle_ctfs, particle_features
 from ..errors import DeepAlignError
 from ..io import mrc, star
@@ -56,7 +61,7 @@ from ..io.particles import read_any
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest, stage_config
-from ._reconstruction import fsc_csv, project_preprocess, project_symmetry, reference_at_working_geometry
+from ._reconstruction import fsc_csv, project_preprocess, project_regions, project_symmetry, reference_at_working_geometry
 from .symmetry_arg import operators_for
 
 STAGE = "refine"
@@ -86,6 +91,8 @@ class Inputs:
     wiener_constant: float
     symmetry: str  # the project's point group (RELION's name)
     ops: np.ndarray  # (G, 3, 3) its operators: every particle is back-projected at A·R for each R
+    centres: np.ndarray  # (R, 3) the project's region centres (the asymmetric unit of a global pass)
+    align: AlignConfig  # a global pass searches like align (box, step, shifts, band)
 
 
 @dataclass
@@ -144,7 +151,7 @@ def read_mask(path: Path, box: int, pixel: float) -> np.ndarray:
 
 
 def load_inputs(proj: Project, from_star: Path | None, reference: Path | None, mask: Path | None, rf: RefineConfig,
-                config_path: Path | None, wiener_constant: float, symmetry: str) -> Inputs:
+                config_path: Path | None, wiener_constant: float, symmetry: str, centres: np.ndarray, al: AlignConfig) -> Inputs:
     """Everything refine reads, checked before anything is written."""
     path = Path(from_star) if from_star is not None else proj.output("align", "aligned.star")
     if not path.is_file():
@@ -167,7 +174,7 @@ def load_inputs(proj: Project, from_star: Path | None, reference: Path | None, m
     user_mask = read_mask(Path(mask), box_in, pixel_in) if mask is not None else None
     ops, sym = operators_for(symmetry, option="regions.symmetry")
     return Inputs(table, path, eulers, origins, half, from_input, pre, box_in, pixel_in, diameter, user_mask, ref, wiener_constant,
-                  sym, ops)
+                  sym, ops, centres, al)
 
 
 def mask_at(inp: Inputs, box: int) -> np.ndarray:
@@ -291,6 +298,56 @@ def next_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     return State(res["eulers_deg"], res["origins_ang"], res["score"], res["half1"], res["half2"], res["fsc"], state.history + [entry])
 
 
+def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
+    """A global pass (iteration it): every particle re-searched over the whole asymmetric unit at
+    align's working box, step and shifts, each half against its own current reference (joined,
+    FSC-weighted, masked, low-passed to align's band), then both halves reconstructed from the new
+    poses at the current box. Particles that align left more than the local radius off — which
+    local iterations cannot bring back — get a second chance against a much better map than the
+    labelled subset's (measured: benchmarks/RESULTS.md, "refine: a global pass")."""
+    src = ParticleSource(inp.table, inp.pre)  # align's working geometry
+    al = inp.align
+    geo = gallery.search_geometry(src.box, src.pixel_ang, lowpass_resolution_ang=al.lowpass_resolution_ang,
+                                  target_resolution_ang=inp.pre.target_resolution_ang, angular_step_deg=al.angular_step_deg,
+                                  psi_step_deg=al.psi_step_deg, min_margin_deg=al.region_margin_deg)
+    pixel_state = inp.pixel_in * inp.box_in / state.box
+    refs = refinement.half_references(state.half1, state.half2, state.fsc, pixel_state, mask_at(inp, state.box), rf.join_resolution_ang)
+    eulers, origins_ang = np.array(state.eulers_deg, float), np.array(state.origins_ang, float)
+    score = np.array(state.score, np.float32)
+    n, chunk = len(src), src.chunk_size(al.memory_budget_gb)
+    t0 = time.perf_counter()
+    with Timer() as t:
+        with progress() as bar:
+            task = bar.add_task(f"refine {it}: global pass ({src.box} px, step {geo.angular_step_deg:.2f}°)", total=n, rate="")
+            done = 0
+            for h in (1, 2):
+                vol = preprocess.lowpass_volume(refinement.fourier_resize_volume(refs[h - 1], src.box), src.pixel_ang, geo.resolution_ang)
+                vol_ft, cache = projector.prepare_volume(vol), {}
+                rows = np.flatnonzero(inp.half == h)
+                for s in range(0, len(rows), chunk):
+                    idx = rows[s : s + chunk]
+                    out = align_particles(src.read(idx), vol_ft, None, inp.centres, inp.ops, pixel_size_ang=src.pixel_ang,
+                                          angular_step_deg=geo.angular_step_deg, psi_step_deg=geo.psi_step_deg, margin_deg=geo.margin_deg,
+                                          max_shift_px=al.max_shift_px, ctf_params=src.ctf_params(idx) if al.ctf and rf.ctf else None,
+                                          refine=al.refine, lowpass_resolution_ang=geo.resolution_ang, memory_budget_gb=al.memory_budget_gb,
+                                          exhaustive=True, table_cache=cache)
+                    eulers[idx], origins_ang[idx], score[idx] = out["eulers_deg"], out["origins_px"] * src.pixel_ang, out["score"]
+                    done += len(idx)
+                    bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.0f} particles/s")
+        res = _pass(source_at(inp, state.box), inp, (eulers, origins_ang), None, None, rf, f"refine {it}: global poses")
+    res["score"] = score
+    entry = _record(it, res, pixel_state, None, None, t.seconds)
+    before, after = geometry.eulers_to_matrices(state.eulers_deg), geometry.eulers_to_matrices(eulers)
+    entry.update(global_pass=True, search_box_px=src.box, band_resolution_ang=round(geo.resolution_ang, 3),
+                 angular_step_deg=round(geo.angular_step_deg, 4),
+                 median_angle_change_deg=round(float(np.median(geometry.rotation_distance_deg(before, after))), 4),
+                 moved_over_local_radius=round(float(np.mean(geometry.rotation_distance_deg(before, after) >
+                                                             refinement.LOCAL_RADIUS_STEPS * state.history[-1].get("angular_step_deg", 0.0))), 4),
+                 median_shift_change_ang=round(float(np.median(np.linalg.norm(origins_ang - state.origins_ang, axis=1))), 4),
+                 median_score=round(float(np.median(score)), 5))
+    return State(eulers, origins_ang, score, res["half1"], res["half2"], res["fsc"], state.history + [entry])
+
+
 def run_iterations(inp: Inputs, rf: RefineConfig, store: ChunkStore, resume: bool) -> tuple[State, int]:
     """Iterations 0 … until converged or rf.iterations, each saved to `store`; with `resume`, from the
     last saved one. Returns (final state, iterations reused)."""
@@ -307,12 +364,17 @@ def run_iterations(inp: Inputs, rf: RefineConfig, store: ChunkStore, resume: boo
         store.save(0, state.arrays())
         start = 1
     for it in range(start, rf.iterations + 1):
-        if refinement.converged(state.history[1:], 2 * inp.pixel_in):
-            break
-        state = next_state(inp, rf, state, it)
+        if not state.history[-1].get("global_pass") and refinement.converged(state.history[1:], 2 * inp.pixel_in):
+            # a global pass needs a local iteration after it (its poses are only as fine as align's)
+            if sum(bool(h.get("global_pass")) for h in state.history) >= rf.global_passes or it == rf.iterations:
+                break
+            state = global_state(inp, rf, state, it)
+        else:
+            state = next_state(inp, rf, state, it)
         store.save(it, state.arrays())
         h = state.history[-1]
-        console.print(f"iteration {it}: {h['box_px']} px, step {h['angular_step_deg']:.2f}°, resolution {h['resolution_ang']:.2f} Å, "
+        kind = f"global pass at {h['search_box_px']} px" if h.get("global_pass") else f"{h['box_px']} px"
+        console.print(f"iteration {it}: {kind}, step {h['angular_step_deg']:.2f}°, resolution {h['resolution_ang']:.2f} Å, "
                       f"median change {h['median_angle_change_deg']:.2f}° / {h['median_shift_change_ang']:.2f} Å ({h['seconds']:.0f} s)")
     return state, reused
 
@@ -365,12 +427,14 @@ def command(
 def _refine(project, from_star, reference, mask, iterations, resume, config, force) -> None:
     _, rf = stage_config(config, STAGE, iterations=iterations)
     cfg, rec = stage_config(config, "reconstruct")
+    _, al = stage_config(config, "align")
     proj = Project.open(project)
     check_can_run(proj, STAGE, force)
     out_dir = proj.root / STAGE
     with Timer() as t:
-        inp = load_inputs(proj, from_star, reference, mask, rf, config, rec.wiener_constant, project_symmetry(proj, cfg))
-        digest = settings_digest(STAGE, rf, rec, inp.pre, inp.symmetry, hashlib.sha256(inp.path.read_bytes()).digest(), array_digest(inp.half),
+        centres, _ = project_regions(proj, cfg)
+        inp = load_inputs(proj, from_star, reference, mask, rf, config, rec.wiener_constant, project_symmetry(proj, cfg), centres, al)
+        digest = settings_digest(STAGE, rf, rec, al, inp.pre, inp.symmetry, hashlib.sha256(inp.path.read_bytes()).digest(), array_digest(inp.half),
                                  None if inp.reference is None else array_digest(inp.reference),
                                  None if inp.mask is None else array_digest(inp.mask))
         store = ChunkStore.for_stage(out_dir, digest, resume)

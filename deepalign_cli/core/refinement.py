@@ -21,6 +21,9 @@ One iteration (``commands/refine.py`` runs the loop):
 Stop rule (:func:`converged`): the median pose changed by less than half the angular step, and
 either the box has stopped growing and the resolution improved by less than
 CONVERGED_RESOLUTION_GAIN, or the resolution reached the full box's Nyquist.
+A local search cannot bring back a particle that starts beyond its radius; ``commands/refine.py``
+then runs a global pass (``core.alignment``'s exhaustive search, each half against its own map)
+and converges locally again.
 
 Everything here is a pure function of arrays; the score is ``core.score``'s band-limited,
 CTF-aware normalised cross-correlation.
