@@ -378,6 +378,23 @@ def run_relion(case_dir: Path, sym: str, mode: str, n_iter: int, healpix_order: 
             "poses": data, "own_map": own_map}
 
 
+def reused_relion(case_dir: Path, sym: str, result_json: Path) -> dict:
+    """RELION's finished run in case_dir/relion, as recorded by an earlier run of this script
+    (``--reuse-relion JSON``: its command, wall time and iterations) on the same data."""
+    old = next((r for r in json.loads(Path(result_json).read_text())["results"] if r["symmetry"] == sym), None)
+    if old is None or "relion" not in old:
+        raise RuntimeError(f"{result_json}: no RELION run for {sym}")
+    out = case_dir / "relion"
+    auto = old["relion"]["mode"] == "auto"
+    data = out / "run_data.star" if auto else out / f"run_it{old['relion']['iterations']:03d}_data.star"
+    if not data.exists():
+        raise RuntimeError(f"{data}: RELION's run is not in {out}")
+    own = out / "run_class001.mrc" if auto else data.with_name(data.name.replace("_data.star", "_class001.mrc"))
+    log(f"  relion_refine: reusing the run in {out} ({old['methods']['relion']['wall_s']:.0f} s when it ran)")
+    return {"command": old["relion"]["command"], "wall_s": old["methods"]["relion"]["wall_s"], "iterations": old["relion"]["iterations"],
+            "poses": data, "own_map": own}
+
+
 # -------------------------------------------------------------------------------------------- scoring
 
 
@@ -461,7 +478,9 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
         methods["deepalign"]["whole_unit_fraction"] = da["whole_unit_fraction"]
         methods["deepalign"]["n_regions"] = da["report"].get("n_regions")
     res["load_mid"] = load_average()
-    if not args.skip_relion:
+    if not args.skip_relion and args.reuse_relion is not None:
+        rl = reused_relion(case_dir, sym, args.reuse_relion)
+    elif not args.skip_relion:
         rl = run_relion(case_dir, sym, args.relion_mode, args.relion_iter, args.relion_healpix)
         res["relion"] = {"command": rl["command"], "iterations": rl["iterations"], "mode": args.relion_mode}
         methods["relion"] = {"wall_s": rl["wall_s"]}
@@ -554,6 +573,8 @@ def main() -> int:
                     help="deepalign's region classifier (train.model)")
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--skip-refine", action="store_true", help="no align + refine row")
+    ap.add_argument("--reuse-relion", type=Path, default=None, metavar="JSON",
+                    help="take RELION's finished runs in WORKDIR/SYM/relion (with --reuse-data), as this earlier result JSON recorded them")
     ap.add_argument("--synthetic-per-region", type=int, default=0,
                     help="train.synthetic_per_region: examples made from the subset's map per region (issue 24)")
     ap.add_argument("--coverage", type=float, default=None,
