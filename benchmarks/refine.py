@@ -101,7 +101,7 @@ def code_digests() -> dict:
     import hashlib
 
     root = HERE.parent / "deepalign_cli"
-    files = ["commands/refine.py", "core/refinement.py", "core/search.py", "core/score.py", "config.py"]
+    files = ["commands/refine.py", "core/refinement.py", "core/search.py", "core/alignment.py", "core/score.py", "config.py"]
     return {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in files if (root / f).exists()}
 
 
@@ -112,6 +112,7 @@ def deepalign_config() -> dict:
     cfg["preprocess"]["target_resolution_ang"] = TARGET_RESOLUTION_ANG
     cfg["train"]["model"] = "polar_trunk"
     cfg["predict"] = {"coverage": COVERAGE}
+    cfg.pop("refine", None)  # refine's defaults (Crowther diameter and mask = the 200 Å box), not accuracy.py's ribosome diameter
     return cfg
 
 
