@@ -389,3 +389,34 @@ def test_a_global_pass_brings_back_particles_beyond_the_local_radius(refine_sim,
         share[passes] = float(np.mean(err <= 5.0))
     print(share)
     assert share[0] < 0.85 and share[1] > 0.95, share
+
+
+def test_global_passes_come_after_the_local_iterations_settle_and_never_last(monkeypatch):
+    """The schedule of run_iterations, with stand-in iterations: local iterations until they settle
+    (converged), then refine.global_passes global passes each followed by local iterations, and no
+    global pass in the last allowed iteration (its poses would be only as fine as align's)."""
+    from types import SimpleNamespace
+
+    from deepalign_cli.config import RefineConfig
+
+    def state(history):
+        z = np.zeros((1, 3))
+        return refine_cmd.State(z, z[:, :2], np.zeros(1), np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), np.zeros(2), history)
+
+    settled = {"box_px": 10, "resolution_ang": 5.0, "median_angle_change_deg": 0.0, "angular_step_deg": 1.0,
+               "median_shift_change_ang": 0.0, "seconds": 0.0}
+    monkeypatch.setattr(refine_cmd, "first_state", lambda inp, rf: state([{"iteration": 0, "box_px": 10, "resolution_ang": 6.0}]))
+    monkeypatch.setattr(refine_cmd, "next_state", lambda inp, rf, s, it: state(s.history + [{"iteration": it, **settled}]))
+    monkeypatch.setattr(refine_cmd, "global_state", lambda inp, rf, s, it: state(
+        s.history + [{"iteration": it, "global_pass": True, "search_box_px": 8, **settled, "angular_step_deg": 7.5}]))
+    store = SimpleNamespace(save=lambda k, arrays: None, load=lambda k, names: None)
+
+    def kinds(**rf):
+        final, _ = refine_cmd.run_iterations(SimpleNamespace(pixel_in=1.0), RefineConfig(**rf), store, resume=False)
+        return "".join("G" if h.get("global_pass") else "L" for h in final.history[1:])
+
+    assert kinds(iterations=8, global_passes=1) == "LLGL"
+    assert kinds(iterations=8, global_passes=2) == "LLGLGL"
+    assert kinds(iterations=8, global_passes=0) == "LL"
+    assert kinds(iterations=2, global_passes=1) == "LL"  # no room for a local iteration after it
+    assert kinds(iterations=3, global_passes=1) == "LL"  # settled at 2; a pass at 3 would be last
