@@ -478,10 +478,11 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
         methods["deepalign"]["whole_unit_fraction"] = da["whole_unit_fraction"]
         methods["deepalign"]["n_regions"] = da["report"].get("n_regions")
     res["load_mid"] = load_average()
-    if not args.skip_relion and args.reuse_relion is not None:
-        rl = reused_relion(case_dir, sym, args.reuse_relion)
-    elif not args.skip_relion:
-        rl = run_relion(case_dir, sym, args.relion_mode, args.relion_iter, args.relion_healpix)
+    if not args.skip_relion:
+        if args.reuse_relion is not None:
+            rl = reused_relion(case_dir, sym, args.reuse_relion)
+        else:
+            rl = run_relion(case_dir, sym, args.relion_mode, args.relion_iter, args.relion_healpix)
         res["relion"] = {"command": rl["command"], "iterations": rl["iterations"], "mode": args.relion_mode}
         methods["relion"] = {"wall_s": rl["wall_s"]}
         pose_sets["relion"], own_maps["relion"] = rl["poses"], rl["own_map"]
