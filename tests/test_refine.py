@@ -346,12 +346,14 @@ def test_symmetry_is_applied_to_every_reconstruction(tmp_path):
     proj = _small_project(tmp_path)
     truth = proj / "simulated" / "truth.star"
     from deepalign_cli.config import AlignConfig, RefineConfig
+    from deepalign_cli.core import symmetry
     from deepalign_cli.io.project import Project
 
     p = Project.open(proj)
     agreement = {}
     for sym in ("C1", "C4"):
-        inp = refine_cmd.load_inputs(p, truth, None, None, RefineConfig(), None, 0.01, sym, np.zeros((1, 3)), AlignConfig())
+        ops = symmetry.symmetry_operators(sym)
+        inp = refine_cmd.load_inputs(p, truth, None, None, RefineConfig(), None, 0.01, sym, ops, np.zeros((1, 3)), AlignConfig())
         assert inp.symmetry == sym and len(inp.ops) == int(sym[1])
         state = refine_cmd.first_state(inp, RefineConfig())
         agreement[sym] = min(_c4_agreement(state.half1), _c4_agreement(state.half2))

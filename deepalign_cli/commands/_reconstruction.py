@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from ..config import PreprocessConfig, ReconstructConfig, RegionConfig
-from ..core import preprocess, reconstruction, regions
+from ..core import gallery, preprocess, reconstruction, regions
 from ..errors import DeepAlignError
 from ..io import mrc, star
 from ..io.project import Project
@@ -22,6 +22,13 @@ from .symmetry_arg import operators_for
 
 REFERENCE_PIXEL_TOLERANCE = 0.01  # relative voxel-size mismatch accepted after resampling
 IMAGE_CHUNK_BUDGET_GB = 1.0  # prepared images held at once; the (2N)³ grids come on top
+
+
+def align_geometry(source: ParticleSource, pre: PreprocessConfig, al) -> gallery.SearchGeometry:
+    """align's search geometry for particles prepared by `pre` (AlignConfig `al`; `align` and refine's global pass)."""
+    return gallery.search_geometry(source.box, source.pixel_ang, lowpass_resolution_ang=al.lowpass_resolution_ang,
+                                   target_resolution_ang=pre.target_resolution_ang, angular_step_deg=al.angular_step_deg,
+                                   psi_step_deg=al.psi_step_deg, min_margin_deg=al.region_margin_deg)
 
 
 def project_preprocess(proj: Project, config_path: Path | None) -> PreprocessConfig:
@@ -130,15 +137,14 @@ def load_reference(proj: Project, path: Path | None, source: ParticleSource, pre
     return result["map"], f"on the fly from {labels}"
 
 
-def project_symmetry(proj: Project, cfg) -> str:
-    """The point group of the regions `label` recorded (else the config's regions.symmetry)."""
+def project_region_config(proj: Project, cfg) -> RegionConfig:
+    """The region settings `label` recorded (else the config's regions section)."""
     reg_dict = proj.stage_config("regions")
-    return (RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions).symmetry
+    return RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions
 
 
 def project_regions(proj: Project, cfg) -> tuple[np.ndarray, np.ndarray]:
     """(region centres (R, 3), symmetry operators (G, 3, 3)) of the regions `label` recorded (else the config's)."""
-    reg_dict = proj.stage_config("regions")
-    reg = RegionConfig.model_validate(reg_dict) if reg_dict else cfg.regions
+    reg = project_region_config(proj, cfg)
     ops, _ = operators_for(reg.symmetry, option="regions.symmetry")
     return regions.region_centres(reg.spacing_deg, ops), ops

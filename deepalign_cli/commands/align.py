@@ -60,7 +60,7 @@ from ..particles import ParticleSource, check_against_project
 from ..regionspec import region_lists
 from ._common import (CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest,
                       stage_config)
-from ._reconstruction import load_reference, project_preprocess, project_regions
+from ._reconstruction import align_geometry, load_reference, project_preprocess, project_regions
 
 SHARDS = "shards"
 RESULT_ARRAYS = ("eulers_deg", "origins_px", "score", "region", "whole_unit")  # one chunk's saved results
@@ -203,9 +203,7 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
     pre = project_preprocess(proj, config)
     source = ParticleSource(table, pre)
     check_against_project(source, proj, proj.particles_star)
-    geo = gallery.search_geometry(source.box, source.pixel_ang, lowpass_resolution_ang=al.lowpass_resolution_ang,
-                                  target_resolution_ang=pre.target_resolution_ang, angular_step_deg=al.angular_step_deg,
-                                  psi_step_deg=al.psi_step_deg, min_margin_deg=al.region_margin_deg)
+    geo = align_geometry(source, pre, al)
     with Timer() as t:
         vol, ref_desc = load_reference(proj, reference, source, pre, config)
         cand_mat = candidate_matrix([cands[i] for i in rows]) if cands is not None and not exhaustive else None

@@ -50,7 +50,7 @@ import typer
 
 from .. import plots
 from ..config import AlignConfig, PreprocessConfig, RefineConfig
-from ..core import gallery, geometry, preprocess, projector, reconstruction, refinement
+from ..core import geometry, preprocess, projector, reconstruction, refinement
 from ..core.alignment import align_particles
 from ..core.score import fourier_band, particle_ctfs, particle_features
 from ..errors import DeepAlignError
@@ -61,8 +61,7 @@ from ..io.particles import read_any
 from ..io.project import Project
 from ..particles import ParticleSource, check_against_project
 from ._common import CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest, stage_config
-from ._reconstruction import fsc_csv, project_preprocess, project_regions, project_symmetry, reference_at_working_geometry
-from .symmetry_arg import operators_for
+from ._reconstruction import align_geometry, fsc_csv, project_preprocess, project_region_config, project_regions, reference_at_working_geometry
 
 STAGE = "refine"
 SUBSET_COLUMN = "rlnRandomSubset"
@@ -151,7 +150,8 @@ def read_mask(path: Path, box: int, pixel: float) -> np.ndarray:
 
 
 def load_inputs(proj: Project, from_star: Path | None, reference: Path | None, mask: Path | None, rf: RefineConfig,
-                config_path: Path | None, wiener_constant: float, symmetry: str, centres: np.ndarray, al: AlignConfig) -> Inputs:
+                config_path: Path | None, wiener_constant: float, symmetry: str, ops: np.ndarray, centres: np.ndarray,
+                al: AlignConfig) -> Inputs:
     """Everything refine reads, checked before anything is written."""
     path = Path(from_star) if from_star is not None else proj.output("align", "aligned.star")
     if not path.is_file():
@@ -172,9 +172,8 @@ def load_inputs(proj: Project, from_star: Path | None, reference: Path | None, m
             raise DeepAlignError(f"{reference}: reference map not found")
         ref = reference_at_working_geometry(Path(reference), box_in, pixel_in)
     user_mask = read_mask(Path(mask), box_in, pixel_in) if mask is not None else None
-    ops, sym = operators_for(symmetry, option="regions.symmetry")
     return Inputs(table, path, eulers, origins, half, from_input, pre, box_in, pixel_in, diameter, user_mask, ref, wiener_constant,
-                  sym, ops, centres, al)
+                  symmetry, ops, centres, al)
 
 
 def mask_at(inp: Inputs, box: int) -> np.ndarray:
@@ -307,9 +306,7 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     labelled subset's (measured: benchmarks/RESULTS.md, "refine: a global pass")."""
     src = ParticleSource(inp.table, inp.pre)  # align's working geometry
     al = inp.align
-    geo = gallery.search_geometry(src.box, src.pixel_ang, lowpass_resolution_ang=al.lowpass_resolution_ang,
-                                  target_resolution_ang=inp.pre.target_resolution_ang, angular_step_deg=al.angular_step_deg,
-                                  psi_step_deg=al.psi_step_deg, min_margin_deg=al.region_margin_deg)
+    geo = align_geometry(src, inp.pre, al)
     pixel_state = inp.pixel_in * inp.box_in / state.box
     refs = refinement.half_references(state.half1, state.half2, state.fsc, pixel_state, mask_at(inp, state.box), rf.join_resolution_ang)
     eulers, origins_ang = np.array(state.eulers_deg, float), np.array(state.origins_ang, float)
@@ -337,12 +334,11 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
         res = _pass(source_at(inp, state.box), inp, (eulers, origins_ang), None, None, rf, f"refine {it}: global poses")
     res["score"] = score
     entry = _record(it, res, pixel_state, None, None, t.seconds)
-    before, after = geometry.eulers_to_matrices(state.eulers_deg), geometry.eulers_to_matrices(eulers)
+    moved = geometry.rotation_distance_deg(geometry.eulers_to_matrices(state.eulers_deg), geometry.eulers_to_matrices(eulers))
+    local_radius = refinement.LOCAL_RADIUS_STEPS * state.history[-1].get("angular_step_deg", 0.0)
     entry.update(global_pass=True, search_box_px=src.box, band_resolution_ang=round(geo.resolution_ang, 3),
-                 angular_step_deg=round(geo.angular_step_deg, 4),
-                 median_angle_change_deg=round(float(np.median(geometry.rotation_distance_deg(before, after))), 4),
-                 moved_over_local_radius=round(float(np.mean(geometry.rotation_distance_deg(before, after) >
-                                                             refinement.LOCAL_RADIUS_STEPS * state.history[-1].get("angular_step_deg", 0.0))), 4),
+                 angular_step_deg=round(geo.angular_step_deg, 4), median_angle_change_deg=round(float(np.median(moved)), 4),
+                 moved_over_local_radius=round(float(np.mean(moved > local_radius)), 4),
                  median_shift_change_ang=round(float(np.median(np.linalg.norm(origins_ang - state.origins_ang, axis=1))), 4),
                  median_score=round(float(np.median(score)), 5))
     return State(eulers, origins_ang, score, res["half1"], res["half2"], res["fsc"], state.history + [entry])
@@ -432,8 +428,9 @@ def _refine(project, from_star, reference, mask, iterations, resume, config, for
     check_can_run(proj, STAGE, force)
     out_dir = proj.root / STAGE
     with Timer() as t:
-        centres, _ = project_regions(proj, cfg)
-        inp = load_inputs(proj, from_star, reference, mask, rf, config, rec.wiener_constant, project_symmetry(proj, cfg), centres, al)
+        centres, ops = project_regions(proj, cfg)
+        inp = load_inputs(proj, from_star, reference, mask, rf, config, rec.wiener_constant, project_region_config(proj, cfg).symmetry,
+                          ops, centres, al)
         digest = settings_digest(STAGE, rf, rec, al, inp.pre, inp.symmetry, hashlib.sha256(inp.path.read_bytes()).digest(), array_digest(inp.half),
                                  None if inp.reference is None else array_digest(inp.reference),
                                  None if inp.mask is None else array_digest(inp.mask))
