@@ -124,7 +124,7 @@ class AlignConfig(_Stage):
     region_margin_deg: float = Field(5.0, ge=0, description="gallery extends this far past a region border")
     max_shift_px: float = Field(5.0, ge=0)
     refine: bool = True
-    lowpass_resolution_ang: float | None = Field(None, gt=0, description="reference low-pass; default target resolution")
+    lowpass_resolution_ang: float | None = Field(None, gt=0, description="reference low-pass and score band (Å); default: a map with half maps is FSC-weighted over the band it supports, another is low-passed to the target resolution")
     memory_budget_gb: float = Field(4.0, gt=0)
     ctf: bool = True
 

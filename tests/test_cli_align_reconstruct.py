@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from deepalign_cli import main
 from deepalign_cli.commands import _reconstruction
 from deepalign_cli.commands.simulate import shipped_map
-from deepalign_cli.core import geometry, preprocess, regions, symmetry
+from deepalign_cli.core import gallery, geometry, preprocess, reconstruction, regions, symmetry
 from deepalign_cli.errors import DeepAlignError
 from deepalign_cli.io import star
 from deepalign_cli.io.project import Project
@@ -123,6 +123,8 @@ def test_align_with_true_regions_recovers_poses_at_snr_0_1(project):
     assert summary["mode"] == "restricted" and summary["n_particles"] == N and summary["particles_per_s"] > 0
     assert summary["angular_step_deg"] == 10.0 and summary["mean_candidate_regions"] == 2.0
     assert summary["whole_unit_particles"] == 0  # two regions of 42: far less than the sphere
+    # simulated/map.mrc has no half maps beside it: low-passed to the default band
+    assert summary["reference_filter"].startswith("low-passed") and summary["lowpass_resolution_ang"] == pytest.approx(BAND_ANG, abs=1e-3)
     assert all((project / "align" / f).stat().st_size > 0 for f in ("scores.png", "angles.png"))
     assert Project.open(project).is_done("align")
 
@@ -180,12 +182,37 @@ def test_default_reference_is_the_labelled_subset_reconstruction(project, capsys
     proj = Project.open(project)
     pre = _reconstruction.project_preprocess(proj, None)
     source = ParticleSource(star.read_particles(proj.particles_star), pre)
-    on_the_fly, desc = _reconstruction.load_reference(proj, None, source, pre, None)
-    assert "on the fly" in desc and "reconstructing the reference" in capsys.readouterr().err
+    on_the_fly = _reconstruction.load_reference(proj, None, source, pre, None)
+    assert "on the fly" in on_the_fly.description and "reconstructing the reference" in capsys.readouterr().err
     ok(run("reconstruct", project, "--from", project / "label" / "labels.star", "--out", "reference"))
-    from_file, desc = _reconstruction.load_reference(proj, None, source, pre, None)
-    assert desc.endswith("reconstruct/reference/map.mrc")
-    np.testing.assert_allclose(from_file, on_the_fly, atol=1e-5 * np.abs(on_the_fly).max())
+    from_file = _reconstruction.load_reference(proj, None, source, pre, None)
+    assert from_file.description.endswith("reconstruct/reference/map.mrc")
+    np.testing.assert_allclose(from_file.map, on_the_fly.map, atol=1e-5 * np.abs(on_the_fly.map).max())
+    # both carry the FSC of their half maps (the same halves: the same seed), which align weights the map by
+    np.testing.assert_allclose(from_file.fsc, on_the_fly.fsc, atol=1e-4)
+    assert len(from_file.fsc) == BOX // 2 + 1 and from_file.fsc[1] > 0.3  # 0.47 measured (a small noisy subset)
+
+
+def test_search_reference_weights_a_map_with_halves_by_their_fsc_and_scores_the_band_they_support():
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(BOX, BOX, BOX)).astype(np.float32)
+    geo = gallery.search_geometry(BOX, PIXEL)
+    curve = np.r_[np.linspace(1.0, 0.2, 10), -0.05, np.full(BOX // 2 + 1 - 11, 0.3)]  # noise from shell 10 on
+    weighted, band, how = _reconstruction.search_reference(_reconstruction.Reference(vol, "x", curve), PIXEL, geo, None)
+    assert "FSC" in how and band == pytest.approx(BOX * PIXEL / 9)  # shell 9, the last one before the FSC ≤ 0
+    shells = reconstruction.shell_index(BOX)
+    ratio = np.abs(np.fft.fftn(weighted)) / np.maximum(np.abs(np.fft.fftn(vol)), 1e-6)
+    np.testing.assert_allclose(ratio[shells == 5], np.sqrt(2 * curve[5] / (1 + curve[5])), rtol=1e-3)
+    assert ratio[shells >= 10].max() < 1e-4
+    full, band_full, _ = _reconstruction.search_reference(_reconstruction.Reference(vol, "x", np.ones(BOX // 2 + 1)), PIXEL, geo, None)
+    assert band_full == pytest.approx(2 * PIXEL)  # every shell kept: to Nyquist
+    inside = shells <= BOX // 2
+    np.testing.assert_allclose(np.fft.fftn(full)[inside], np.fft.fftn(vol)[inside], atol=1e-2)
+    for ref, lowpass in ((_reconstruction.Reference(vol, "x"), None), (_reconstruction.Reference(vol, "x", curve), 30.0)):
+        g = gallery.search_geometry(BOX, PIXEL, lowpass_resolution_ang=lowpass)  # no halves, or a band the user set
+        out, b, how = _reconstruction.search_reference(ref, PIXEL, g, lowpass)
+        assert how.startswith("low-passed") and b == g.resolution_ang
+        np.testing.assert_allclose(out, preprocess.lowpass_volume(vol, PIXEL, g.resolution_ang), atol=1e-5)
 
 
 def test_reference_at_another_pixel_size_is_resampled_with_a_notice(project, tmp_path, capsys):

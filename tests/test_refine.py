@@ -59,7 +59,7 @@ def test_local_shifts_disc_zero_first():
 
 def test_fsc_weights_follow_the_formula_and_stop_at_the_first_nonpositive_shell():
     f = np.array([1.0, 0.9, 0.5, 0.143, -0.01, 0.3, 0.2])
-    w = refinement.fsc_weights(f)
+    w = reconstruction.fsc_weights(f)
     np.testing.assert_allclose(w[:4], [1.0, np.sqrt(1.8 / 1.9), np.sqrt(1.0 / 1.5), np.sqrt(0.286 / 1.143)])
     assert (w[4:] == 0).all()  # noise beyond the first FSC ≤ 0, even where it is positive again
 
@@ -70,7 +70,7 @@ def test_join_halves_shares_only_the_low_frequencies():
     pixel, join = 5.0, 40.0  # shells < 24·5/40 = 3 are joined
     ja, jb = refinement.join_halves(a, b, pixel, join)
     fa, fb = np.fft.fftn(ja), np.fft.fftn(jb)
-    shells = refinement._shell_index(24)
+    shells = reconstruction.shell_index(24)
     np.testing.assert_allclose(fa[shells < 3], fb[shells < 3], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(fa[shells >= 3], np.fft.fftn(a)[shells >= 3], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(fb[shells >= 3], np.fft.fftn(b)[shells >= 3], rtol=1e-4, atol=1e-3)
@@ -274,9 +274,9 @@ def test_half_sets_never_mix(tmp_path):
     def blob_share(path):
         """Least-squares fit of the map above the join resolution as a·ribosome + b·blob: b / a."""
         keep = (np.arange(17) > join_shell).astype(float)
-        hp = [refinement.shell_filter(np.asarray(preprocess.fourier_crop_volume(v, 32)), keep).ravel()
+        hp = [reconstruction.shell_filter(np.asarray(preprocess.fourier_crop_volume(v, 32)), keep).ravel()
               for v in (vol, vol.max() * blob)]
-        m = refinement.shell_filter(refinement.fourier_resize_volume(mrc.read_map(path)[0], 32), keep).ravel()
+        m = reconstruction.shell_filter(refinement.fourier_resize_volume(mrc.read_map(path)[0], 32), keep).ravel()
         (a, b), *_ = np.linalg.lstsq(np.stack(hp, 1), m, rcond=None)
         return float(b / a)
 

@@ -14,9 +14,13 @@ Reference: --reference, else PROJECT/reconstruct/reference/map.mrc (`deepalign r
 from the labelled subset (the paper's workflow; a notice says so). A map whose voxel size differs
 from the particles' working pixel is Fourier-cropped to it and centred/padded to the working box
 (notice); a map coarser than the working pixel, or one that cannot be brought within 1 % of it, is
-an error. The reference is low-passed to align.lowpass_resolution_ang, else
-preprocess.target_resolution_ang, else 3 × the working pixel (the paper's pixel = resolution / 3);
-the score uses the same band. Angular step default: Crowther, atan(resolution / box size in Å);
+an error. A reference with half maps (a map.mrc beside half1.mrc and half2.mrc, as `reconstruct`
+and `refine` write them, or the on-the-fly reconstruction) is weighted shell by shell by their FSC,
+sqrt(2·FSC/(1+FSC)), and scored over the whole band it supports (up to the working box's Nyquist).
+Any other map, or any map when align.lowpass_resolution_ang is set, is low-passed to
+align.lowpass_resolution_ang, else preprocess.target_resolution_ang, else 3 × the working pixel
+(the paper's pixel = resolution / 3), and the score uses the same band. summary.json records which
+(reference_filter) and the band (lowpass_resolution_ang). Angular step default: Crowther, atan(resolution / box size in Å);
 psi step default: the angular step. The gallery margin is at least 2 × 0.77 × step so that a pose
 on a region border always has its nearest lattice direction in the gallery.
 
@@ -49,7 +53,7 @@ import pandas as pd
 import typer
 
 from .. import plots
-from ..core import gallery, preprocess, projector
+from ..core import gallery, projector
 from ..core.alignment import RESTRICTED_MIN_FRACTION, align_particles
 from ..errors import DeepAlignError
 from ..io import star
@@ -60,7 +64,7 @@ from ..particles import ParticleSource, check_against_project
 from ..regionspec import region_lists
 from ._common import (CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest,
                       stage_config)
-from ._reconstruction import align_geometry, load_reference, project_preprocess, project_regions
+from ._reconstruction import align_geometry, load_reference, project_preprocess, project_regions, search_reference
 
 SHARDS = "shards"
 RESULT_ARRAYS = ("eulers_deg", "origins_px", "score", "region", "whole_unit")  # one chunk's saved results
@@ -205,20 +209,21 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
     check_against_project(source, proj, proj.particles_star)
     geo = align_geometry(source, pre, al)
     with Timer() as t:
-        vol, ref_desc = load_reference(proj, reference, source, pre, config)
+        ref = load_reference(proj, reference, source, pre, config)
+        vol, band, ref_filter = search_reference(ref, source.pixel_ang, geo, al.lowpass_resolution_ang)
         cand_mat = candidate_matrix([cands[i] for i in rows]) if cands is not None and not exhaustive else None
         chunk = source.chunk_size(al.memory_budget_gb)
         digest = settings_digest(
-            mode, al, pre, source.box, source.pixel_ang, round(geo.resolution_ang, 6), geo.angular_step_deg, geo.psi_step_deg,
+            mode, al, pre, source.box, source.pixel_ang, round(band, 6), geo.angular_step_deg, geo.psi_step_deg,
             geo.margin_deg, chunk, hashlib.sha256(Path(proj.particles_star).read_bytes()).digest(), array_digest(rows),
             array_digest(vol), array_digest(centres), array_digest(ops), None if cand_mat is None else array_digest(cand_mat))
         store = ChunkStore.for_stage(out_dir, digest, resume)
-        res = _align_in_chunks(source, rows, vol, cand_mat, centres, ops, geo, al, exhaustive, chunk, store, resume)
+        res = _align_in_chunks(source, rows, vol, band, cand_mat, centres, ops, geo, al, exhaustive, chunk, store, resume)
         if resume:
             console.print(f"resume: {res['chunks_reused']} of {res['chunks']} chunks reused from {store.folder.relative_to(proj.root)}"
                           + ("" if res["chunks_reused"] else " (none saved with these settings; started from the first chunk)"))
     aligned = with_alignment(table, rows, res["eulers_deg"], res["origins_px"] * source.pixel_ang, res["score"], res["region"])
-    summary = _summary(mode, res, t.seconds, ref_desc, source, geo, al, cand_mat, regions_spec)
+    summary = _summary(mode, res, t.seconds, ref.description, ref_filter, band, source, geo, al, cand_mat, regions_spec)
     if shard_path is not None:
         star.write_particles(shard_path, aligned)
         write_text_atomic(shard_path.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
@@ -274,14 +279,14 @@ def _candidates(proj: Project, table: star.ParticleTable, n_regions: int, top_k:
     return cands, rows
 
 
-def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, cand_mat: np.ndarray | None, centres, ops,
-                     geo: gallery.SearchGeometry, al, exhaustive: bool, chunk: int, store: ChunkStore, resume: bool) -> dict:
-    """align_particles over the particles `rows` in fixed chunks of `chunk` (particles with the same
+def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, band_ang: float, cand_mat: np.ndarray | None, centres,
+                     ops, geo: gallery.SearchGeometry, al, exhaustive: bool, chunk: int, store: ChunkStore, resume: bool) -> dict:
+    """align_particles (reference `vol`, ready to search; the score's band to band_ang) over the particles `rows` in fixed chunks of `chunk` (particles with the same
     candidate set side by side), each finished chunk saved to `store` and, with `resume`, loaded
     back instead of recomputed. Returns the RESULT_ARRAYS in the order of `rows`, step_seconds,
     chunks and chunks_reused."""
     pixel = source.pixel_ang
-    vol_ft = projector.prepare_volume(preprocess.lowpass_volume(vol, pixel, geo.resolution_ang))
+    vol_ft = projector.prepare_volume(vol)
     order = np.lexsort(np.sort(cand_mat, axis=1).T[::-1]) if cand_mat is not None else np.arange(len(rows))
     n = len(rows)
     res = {"eulers_deg": np.zeros((n, 3)), "origins_px": np.zeros((n, 2)), "score": np.zeros(n), "region": np.zeros(n, int),
@@ -305,7 +310,7 @@ def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, 
                     source.read(idx), vol_ft, None if cand_mat is None else cand_mat[local], centres, ops,
                     pixel_size_ang=pixel, angular_step_deg=geo.angular_step_deg, psi_step_deg=geo.psi_step_deg,
                     margin_deg=geo.margin_deg, max_shift_px=al.max_shift_px, ctf_params=source.ctf_params(idx) if al.ctf else None,
-                    refine=al.refine, lowpass_resolution_ang=geo.resolution_ang, memory_budget_gb=al.memory_budget_gb,
+                    refine=al.refine, lowpass_resolution_ang=band_ang, memory_budget_gb=al.memory_budget_gb,
                     exhaustive=exhaustive, progress=tick, table_cache=table_cache,
                 )
                 store.save(k, {"local": local, **{name: out[name] for name in RESULT_ARRAYS}})
@@ -319,8 +324,8 @@ def _align_in_chunks(source: ParticleSource, rows: np.ndarray, vol: np.ndarray, 
     return {**res, "step_seconds": step_seconds, "chunks": len(starts), "chunks_reused": reused}
 
 
-def _summary(mode: str, res: dict, seconds: float, ref_desc: str, source: ParticleSource, geo: gallery.SearchGeometry, al,
-             cand_mat: np.ndarray | None, regions_spec: str | None) -> dict:
+def _summary(mode: str, res: dict, seconds: float, ref_desc: str, ref_filter: str, band_ang: float, source: ParticleSource,
+             geo: gallery.SearchGeometry, al, cand_mat: np.ndarray | None, regions_spec: str | None) -> dict:
     """summary.json of a search (and its notice when particles were searched over the whole asymmetric unit)."""
     n = len(res["score"])
     # restricted: particles whose candidate galleries cost more than the asymmetric unit were searched over it
@@ -330,8 +335,8 @@ def _summary(mode: str, res: dict, seconds: float, ref_desc: str, source: Partic
                       f"with {geo.margin_deg:.1f}° margins hold as many references (or, in a chunk, all but "
                       f"< {RESTRICTED_MIN_FRACTION:.0%} of the particles did)")
     return {"mode": mode, "n_particles": n, "seconds": round(seconds, 3), "particles_per_s": round(n / max(seconds, 1e-9), 3),
-            "reference": ref_desc, "working_box_px": source.box, "working_pixel_ang": source.pixel_ang,
-            "lowpass_resolution_ang": round(geo.resolution_ang, 3), "angular_step_deg": round(geo.angular_step_deg, 4),
+            "reference": ref_desc, "reference_filter": ref_filter, "working_box_px": source.box, "working_pixel_ang": source.pixel_ang,
+            "lowpass_resolution_ang": round(band_ang, 3), "angular_step_deg": round(geo.angular_step_deg, 4),
             "psi_step_deg": round(geo.psi_step_deg, 4), "margin_deg": round(geo.margin_deg, 4), "max_shift_px": al.max_shift_px,
             "mean_candidate_regions": None if cand_mat is None else float(np.mean([len(set(c)) for c in cand_mat])),
             "whole_unit_particles": whole_unit, "median_score": float(np.median(res["score"])), "regions": regions_spec,

@@ -52,6 +52,7 @@ from .. import plots
 from ..config import AlignConfig, PreprocessConfig, RefineConfig
 from ..core import geometry, preprocess, projector, reconstruction, refinement
 from ..core.alignment import align_particles
+from ..core.gallery import NYQUIST_PX
 from ..core.score import fourier_band, particle_ctfs, particle_features
 from ..errors import DeepAlignError
 from ..io import mrc, star
@@ -300,7 +301,7 @@ def next_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
 def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     """A global pass (iteration it): every particle re-searched over the whole asymmetric unit at
     align's working box, step and shifts, each half against its own current reference (joined,
-    FSC-weighted, masked, low-passed to align's band), then both halves reconstructed from the new
+    FSC-weighted, masked, scored over the band its FSC supports at that box), then both halves reconstructed from the new
     poses at the current box. Particles that align left more than the local radius off — which
     local iterations cannot bring back — get a second chance against a much better map than the
     labelled subset's (measured: benchmarks/RESULTS.md, "refine: a global pass")."""
@@ -309,6 +310,10 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     geo = align_geometry(src, inp.pre, al)
     pixel_state = inp.pixel_in * inp.box_in / state.box
     refs = refinement.half_references(state.half1, state.half2, state.fsc, pixel_state, mask_at(inp, state.box), rf.join_resolution_ang)
+    # the references are FSC-weighted, so (as align does with such a reference) the score takes the
+    # whole band they support at align's box, unless align.lowpass_resolution_ang fixes it
+    band = geo.resolution_ang if al.lowpass_resolution_ang else max(
+        reconstruction.supported_resolution_ang(state.fsc, state.box, pixel_state), NYQUIST_PX * src.pixel_ang)
     eulers, origins_ang = np.array(state.eulers_deg, float), np.array(state.origins_ang, float)
     score = np.array(state.score, np.float32)
     n, chunk = len(src), src.chunk_size(al.memory_budget_gb)
@@ -318,7 +323,7 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
             task = bar.add_task(f"refine {it}: global pass ({src.box} px, step {geo.angular_step_deg:.2f}°)", total=n, rate="")
             done = 0
             for h in (1, 2):
-                vol = preprocess.lowpass_volume(refinement.fourier_resize_volume(refs[h - 1], src.box), src.pixel_ang, geo.resolution_ang)
+                vol = preprocess.lowpass_volume(refinement.fourier_resize_volume(refs[h - 1], src.box), src.pixel_ang, band)
                 vol_ft, cache = projector.prepare_volume(vol), {}
                 rows = np.flatnonzero(inp.half == h)
                 for s in range(0, len(rows), chunk):
@@ -326,7 +331,7 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
                     out = align_particles(src.read(idx), vol_ft, None, inp.centres, inp.ops, pixel_size_ang=src.pixel_ang,
                                           angular_step_deg=geo.angular_step_deg, psi_step_deg=geo.psi_step_deg, margin_deg=geo.margin_deg,
                                           max_shift_px=al.max_shift_px, ctf_params=src.ctf_params(idx) if al.ctf and rf.ctf else None,
-                                          refine=al.refine, lowpass_resolution_ang=geo.resolution_ang, memory_budget_gb=al.memory_budget_gb,
+                                          refine=al.refine, lowpass_resolution_ang=band, memory_budget_gb=al.memory_budget_gb,
                                           exhaustive=True, table_cache=cache)
                     eulers[idx], origins_ang[idx], score[idx] = out["eulers_deg"], out["origins_px"] * src.pixel_ang, out["score"]
                     done += len(idx)
@@ -336,7 +341,7 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     entry = _record(it, res, pixel_state, None, None, t.seconds)
     moved = geometry.rotation_distance_deg(geometry.eulers_to_matrices(state.eulers_deg), geometry.eulers_to_matrices(eulers))
     local_radius = refinement.LOCAL_RADIUS_STEPS * state.history[-1].get("angular_step_deg", 0.0)
-    entry.update(global_pass=True, search_box_px=src.box, band_resolution_ang=round(geo.resolution_ang, 3),
+    entry.update(global_pass=True, search_box_px=src.box, band_resolution_ang=round(band, 3),
                  angular_step_deg=round(geo.angular_step_deg, 4), median_angle_change_deg=round(float(np.median(moved)), 4),
                  moved_over_local_radius=round(float(np.mean(moved > local_radius)), 4),
                  median_shift_change_ang=round(float(np.median(np.linalg.norm(origins_ang - state.origins_ang, axis=1))), 4),

@@ -183,7 +183,8 @@ def synthetic_set(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarra
 
     table = src.table
     eulers, origins = star.get_poses(table, hint="synthetic examples need the labelled particles' poses")
-    vol, ref_desc = load_reference(proj, reference, src, cfg.preprocess, config_path)
+    ref = load_reference(proj, reference, src, cfg.preprocess, config_path)
+    vol, ref_desc = ref.map, ref.description
     vol_ft = projector.prepare_volume(vol)
     centres, ops = project_regions(proj, cfg)
     if len(centres) != n_regions:

@@ -236,3 +236,41 @@ def resolution_at(freqs, fsc_values, pixel_size_ang: float, threshold: float = F
     f0, f1, c0, c1 = freqs[i - 1], freqs[i], fsc_values[i - 1], fsc_values[i]
     f = f0 + (c0 - threshold) / (c0 - c1) * (f1 - f0)
     return float(pixel_size_ang / f)
+
+
+# ------------------------------------------------------------------- FSC weighting
+def shell_index(box: int) -> np.ndarray:
+    """(N, N, N) int: the Fourier shell of every coefficient of an unshifted 3D FFT (as :func:`fsc`)."""
+    k = np.fft.fftfreq(box) * box
+    return np.round(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)).astype(int)
+
+
+def fsc_weights(fsc_curve) -> np.ndarray:
+    """Per-shell weights sqrt(2·FSC / (1 + FSC)) from the FSC between two half maps: the expected
+    correlation of the map of both halves with the truth (Rosenthal & Henderson's C_ref), so a
+    noisy shell counts for what it is worth. 0 where FSC ≤ 0, and from the first shell where the
+    FSC is ≤ 0 outwards (beyond it the shells hold noise); shell 0 (the mean) keeps weight 1."""
+    f = np.asarray(fsc_curve, float)
+    w = np.sqrt(np.clip(2 * f / (1 + np.maximum(f, 0.0)), 0.0, None))
+    bad = np.flatnonzero(f[1:] <= 0)
+    if len(bad):
+        w[bad[0] + 1 :] = 0.0
+    w[0] = 1.0
+    return w
+
+
+def shell_filter(vol, weights) -> np.ndarray:
+    """A map (N, N, N) with its Fourier shell k multiplied by weights[k] (0 past the last weight)."""
+    vol = np.asarray(vol, np.float32)
+    shells = shell_index(vol.shape[0])
+    w = np.concatenate([np.asarray(weights, float), [0.0]])
+    return np.real(np.fft.ifftn(np.fft.fftn(vol) * w[np.minimum(shells, len(w) - 1)])).astype(np.float32)
+
+
+def supported_resolution_ang(fsc_curve, box: int, pixel_ang: float) -> float:
+    """The finest resolution (Å) whose shell keeps a positive :func:`fsc_weights` weight — the band
+    a map weighted by that curve supports, never finer than Nyquist (2 × pixel). The curve has the
+    N//2 + 1 shells of :func:`fsc` for a box of N px (shell s at s / N cycles per pixel)."""
+    w = fsc_weights(fsc_curve)
+    last = int(np.flatnonzero(w > 0)[-1])
+    return float(max(box * pixel_ang / max(last, 1), 2.0 * pixel_ang))

@@ -41,6 +41,7 @@ import numpy as np
 from .gallery import NYQUIST_PX, default_angular_step_deg
 from .preprocess import PAPER_PIXEL_PER_RESOLUTION, downsampled_box
 from .projector import VolumeFT
+from .reconstruction import fsc_weights, shell_filter, shell_index
 from .score import phases, pose_scores, weighted_refs
 from .search import REFINE_PASSES, refine_poses
 
@@ -94,39 +95,13 @@ def split_halves(n: int, key) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ references
-def _shell_index(box: int) -> np.ndarray:
-    """(N, N, N) int: the Fourier shell of every coefficient of an unshifted 3D FFT (as ``reconstruction.fsc``)."""
-    k = np.fft.fftfreq(box) * box
-    return np.round(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)).astype(int)
-
-
-def fsc_weights(fsc_curve) -> np.ndarray:
-    """Per-shell weights sqrt(2·FSC / (1 + FSC)) of a half map (0 where FSC ≤ 0, and from the
-    first shell where the FSC is ≤ 0 outwards: beyond it the shells hold noise)."""
-    f = np.asarray(fsc_curve, float)
-    w = np.sqrt(np.clip(2 * f / (1 + np.maximum(f, 0.0)), 0.0, None))
-    bad = np.flatnonzero(f[1:] <= 0)
-    if len(bad):
-        w[bad[0] + 1 :] = 0.0
-    w[0] = 1.0
-    return w
-
-
-def shell_filter(vol, weights) -> np.ndarray:
-    """A map (N, N, N) with its Fourier shell k multiplied by weights[k] (0 past the last weight)."""
-    vol = np.asarray(vol, np.float32)
-    shells = _shell_index(vol.shape[0])
-    w = np.concatenate([np.asarray(weights, float), [0.0]])
-    return np.real(np.fft.ifftn(np.fft.fftn(vol) * w[np.minimum(shells, len(w) - 1)])).astype(np.float32)
-
-
 def join_halves(half1, half2, pixel_ang: float, join_resolution_ang: float | None = JOIN_RESOLUTION_ANG):
     """(half1, half2) with their Fourier coefficients coarser than join_resolution_ang replaced by the
     two halves' average (None: unchanged)."""
     if not join_resolution_ang:
         return np.asarray(half1, np.float32), np.asarray(half2, np.float32)
     box = np.shape(half1)[0]
-    low = _shell_index(box) < box * pixel_ang / join_resolution_ang
+    low = shell_index(box) < box * pixel_ang / join_resolution_ang
     f1, f2 = np.fft.fftn(half1), np.fft.fftn(half2)
     mean = 0.5 * (f1 + f2)
     f1, f2 = np.where(low, mean, f1), np.where(low, mean, f2)
