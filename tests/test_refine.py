@@ -393,6 +393,33 @@ def test_a_global_pass_brings_back_particles_beyond_the_local_radius(refine_sim,
     assert share[0] < 0.85 and share[1] > 0.95, share
 
 
+def test_refine_writes_the_iteration_before_a_global_pass_when_it_was_finer(tmp_path):
+    """finest_state: the last iteration unless the one just before a global pass had a finer
+    half-set resolution (then that one's poses and maps, loaded back, with the whole history)."""
+    from deepalign_cli.io.chunks import ChunkStore
+
+    store = ChunkStore(tmp_path / "store")
+
+    def saved(k, box):
+        st = refine_cmd.State(np.full((3, 3), float(k)), np.full((3, 2), float(k)), np.full(3, k, np.float32),
+                              np.full((box,) * 3, k, np.float32), np.full((box,) * 3, -k, np.float32), np.ones(box // 2 + 1), [])
+        store.save(k, st.arrays())
+        return st
+
+    def run(resolutions, global_at):
+        hist = [{"iteration": i, "resolution_ang": r, **({"global_pass": True} if i == global_at else {})} for i, r in enumerate(resolutions)]
+        for i in range(len(hist)):
+            last = saved(i, 8 + 2 * i)
+        return refine_cmd.finest_state(refine_cmd.State(last.eulers_deg, last.origins_ang, last.score, last.half1, last.half2, last.fsc, hist), store)
+
+    state, k = run([8.0, 5.0, 3.9, 7.8, 7.1, 7.0], global_at=3)  # the pass undid what the local iterations reached
+    assert k == 2 and state.eulers_deg[0, 0] == 2.0 and state.box == 12 and len(state.history) == 6
+    state, k = run([8.0, 7.7, 7.1, 7.5, 7.0, 6.9], global_at=3)  # the pass helped: the last one
+    assert k == 5 and state.eulers_deg[0, 0] == 5.0 and state.box == 18
+    state, k = run([8.0, 7.7, 7.1, 7.0], global_at=None)  # no global pass: always the last
+    assert k == 3 and state.eulers_deg[0, 0] == 3.0
+
+
 def test_global_passes_come_after_the_local_iterations_settle_and_never_last(monkeypatch):
     """The schedule of run_iterations, with stand-in iterations: local iterations until they settle
     (converged), then refine.global_passes global passes each followed by local iterations, and no
