@@ -485,7 +485,9 @@ def main() -> int:
     hist = rs["history"]
     print("refine iterations: " + "; ".join(f"{h['iteration']}: {h['box_px']} px, {h['resolution_ang']:.2f} Å"
                                               + (f", step {h['angular_step_deg']:.2f}°, Δ {h['median_angle_change_deg']:.2f}°"
-                                                 if "angular_step_deg" in h else "") + f", {h['seconds']:.0f} s" for h in hist))
+                                                 if "angular_step_deg" in h else "") + (" (global pass)" if h.get("global_pass") else "")
+                                              + f", {h['seconds']:.0f} s" for h in hist)
+          + (f"; written: iteration {rs['written_iteration']}" if rs.get("written_iteration", len(hist) - 1) != len(hist) - 1 else ""))
     print("stage seconds: " + ", ".join(f"{k_} {v:.1f}" for k_, v in da["stage_seconds"].items()))
     print(f"goal: {json.dumps(goal)}")
     print(f"\ntotal {meta['total_s']:.0f} s; results → {out}")

@@ -131,11 +131,13 @@ def test_refine_without_truth_reports_resolution_and_timing_only(project):
     root, add_refine = project
     (root / "simulated" / "truth.star").unlink()
     shutil.rmtree(root / "align")
-    summary = {**SUMMARY, "input_resolution_ang": 20.0, "converged": False}  # input resolution below iteration 0's Nyquist
+    summary = {**SUMMARY, "input_resolution_ang": 20.0, "converged": False,  # input resolution below iteration 0's Nyquist
+               "written_iteration": 2}  # the iteration before a global pass was the finer
     add_refine(summary=summary)
     rep, md = _report(root)
     assert "align" not in rep and "vs_truth" not in rep["refine"]
     assert rep["refine"]["input_resolution_at_nyquist"] is False
     assert "| resolution, FSC 0.143: input poses → refined | 20.00 Å → 11.25 Å |" in md
-    assert "| iterations | 3 (stopped at the iteration limit) |" in md and "angular error" not in md
+    assert ("| iterations | 3 (stopped at the iteration limit); iteration 2 written (finer than the last, after a global pass) |" in md
+            and "angular error" not in md)
     assert not (root / "report" / "errors.png").exists()

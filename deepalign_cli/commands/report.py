@@ -38,7 +38,7 @@ ALIGNED_SETS = {"align": "align/aligned.star", "align --exhaustive": "align_exha
 REFINE_STAGE = "refine"
 REFINED_SET = {"refine": "refine/refined.star"}  # an aligned set too, once the refine stage finished
 REFINE_KEYS = ("from", "n_particles", "half_sizes", "input_resolution_ang", "resolution_ang", "resolution_fsc05_ang", "iterations",
-               "converged", "final_box_px", "final_pixel_ang", "nyquist_ang", "seconds")  # what the report keeps of refine/summary.json
+               "written_iteration", "converged", "final_box_px", "final_pixel_ang", "nyquist_ang", "seconds")  # what the report keeps of refine/summary.json
 
 
 def _matched(est_table, truth_table):
@@ -231,6 +231,9 @@ def _refine_rows(r: dict) -> list[tuple[str, str]]:
         rows.append(("final working box", f"{r['final_box_px']} px at {_fmt(r.get('final_pixel_ang'), '.3f', ' Å')} (Nyquist of the particles "
                                           f"{_fmt(r.get('nyquist_ang'), '.2f', ' Å')})"))
     converged = {True: " (converged)", False: " (stopped at the iteration limit)"}.get(r.get("converged"), "")
+    written = r.get("written_iteration")
+    if written is not None and written != r.get("iterations"):  # refine.finest_state kept the iteration before a global pass
+        converged += f"; iteration {written} written (finer than the last, after a global pass)"
     rows += [("iterations", f"{_fmt(r.get('iterations'), 'd')}{converged}"), ("seconds", _fmt(r.get("seconds"), ".1f"))]
     if "vs_truth" in r:
         s = r["vs_truth"]
