@@ -432,12 +432,20 @@ def test_global_passes_come_after_the_local_iterations_settle_and_never_last(mon
         z = np.zeros((1, 3))
         return refine_cmd.State(z, z[:, :2], np.zeros(1), np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), np.zeros(2), history)
 
-    settled = {"box_px": 10, "resolution_ang": 5.0, "median_angle_change_deg": 0.0, "angular_step_deg": 1.0,
-               "median_shift_change_ang": 0.0, "seconds": 0.0}
+    settled = {"box_px": 10, "median_angle_change_deg": 0.0, "angular_step_deg": 1.0, "median_shift_change_ang": 0.0, "seconds": 0.0}
+    after_pass = {"resolution": None}  # None: every iteration 0.2 % finer than the one before (settled, the passes help)
+
+    def local(inp, rf, s, it):
+        res = 5.0 - 0.01 * it
+        if s.history[-1].get("global_pass") and after_pass["resolution"] is not None:
+            res = after_pass["resolution"]
+        return state(s.history + [{"iteration": it, **settled, "resolution_ang": res}])
+
     monkeypatch.setattr(refine_cmd, "first_state", lambda inp, rf: state([{"iteration": 0, "box_px": 10, "resolution_ang": 6.0}]))
-    monkeypatch.setattr(refine_cmd, "next_state", lambda inp, rf, s, it: state(s.history + [{"iteration": it, **settled}]))
+    monkeypatch.setattr(refine_cmd, "next_state", local)
     monkeypatch.setattr(refine_cmd, "global_state", lambda inp, rf, s, it: state(
-        s.history + [{"iteration": it, "global_pass": True, "search_box_px": 8, **settled, "angular_step_deg": 7.5}]))
+        s.history + [{"iteration": it, "global_pass": True, "search_box_px": 8, **settled, "resolution_ang": 5.0 - 0.01 * it,
+                      "angular_step_deg": 7.5}]))
     store = SimpleNamespace(save=lambda k, arrays: None, load=lambda k, names: None)
 
     def kinds(**rf):
@@ -449,3 +457,5 @@ def test_global_passes_come_after_the_local_iterations_settle_and_never_last(mon
     assert kinds(iterations=8, global_passes=0) == "LL"
     assert kinds(iterations=2, global_passes=1) == "LL"  # no room for a local iteration after it
     assert kinds(iterations=3, global_passes=1) == "LL"  # settled at 2; a pass at 3 would be last
+    after_pass["resolution"] = 5.2  # the local iteration after a pass is coarser than the one before it: stop there
+    assert kinds(iterations=8, global_passes=2) == "LLGL"

@@ -26,9 +26,10 @@ gains < 1 %, or the resolution reached the full box's Nyquist. Then, refine.glob
 (default once, and only when an iteration is left after it), a global pass re-searches every
 particle over the whole asymmetric unit at align's working box, step and shifts, each half against
 its own map, and the local iterations go on from those poses; otherwise it stops. --iterations caps
-all iterations (the global passes count). The last iteration is written, unless the one just before
-a global pass had a finer half-set resolution: then that one (finest_state; summary.json
-written_iteration).
+all iterations (the global passes count). When the first local iteration after a global pass is not
+finer than the iteration before the pass, refine stops there (core.refinement.global_pass_lost).
+The last iteration is written, unless the one just before a global pass had a finer half-set
+resolution: then that one (finest_state; summary.json written_iteration).
 
 Writes PROJECT/refine/ (whole or not at all): refined.star (every input column kept, new poses,
 rlnRandomSubset, rlnDeepAlignRefineScore), half1.mrc, half2.mrc, map.mrc (the particles' box and
@@ -367,6 +368,10 @@ def run_iterations(inp: Inputs, rf: RefineConfig, store: ChunkStore, resume: boo
         store.save(0, state.arrays())
         start = 1
     for it in range(start, rf.iterations + 1):
+        if refinement.global_pass_lost(state.history):
+            console.print(f"iteration {it - 1} is not finer than iteration {it - 3} before the global pass: stopping "
+                          f"(iteration {it - 3} will be written)")
+            break
         if not state.history[-1].get("global_pass") and refinement.converged(state.history[1:], 2 * inp.pixel_in):
             # a global pass needs a local iteration after it (its poses are only as fine as align's)
             if sum(bool(h.get("global_pass")) for h in state.history) >= rf.global_passes or it == rf.iterations:
