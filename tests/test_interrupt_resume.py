@@ -3,7 +3,7 @@
 
 Train is stopped with SIGINT (Ctrl-C), align with SIGTERM (a SLURM time limit); both go through
 the same handler. Project: the session's simulated project (200 particles, 32 px, 30 pre-aligned) relabelled with a
-tiny config (60° regions → 12, working box 16 px, 3 epochs of 2 steps per region). Each test
+tiny config (60° regions → 12, working box 16 px, 8 epochs of 2 steps per region). Each test
 starts the command as a subprocess, waits until it has saved one piece of work (a resume state of
 train, a finished chunk of align), sends the signal and checks: exit code 130 with the one-line
 message, project.yaml parses and the stage is not done, no temporary files, every saved file is
@@ -29,11 +29,12 @@ from deepalign_cli.io import star
 
 pytestmark = pytest.mark.slow  # real CLI runs killed and resumed: `make test-slow`
 
-TINY = """
-regions: {spacing_deg: 60, symmetry: C1}
-preprocess: {target_resolution_ang: 60}
-train: {epochs: 3, images_per_region: 64, batch_size: 32, early_stopping_patience: 0, min_positives: 1}
-align: {angular_step_deg: 20, psi_step_deg: 20, max_shift_px: 1, refine: false, memory_budget_gb: 0.0002}
+EPOCHS = 8  # resume states appear after the first epoch: 8 epochs leave most of the run for the signal (3 left ~1 s, missed once in a make test-slow)
+TINY = f"""
+regions: {{spacing_deg: 60, symmetry: C1}}
+preprocess: {{target_resolution_ang: 60}}
+train: {{epochs: {EPOCHS}, images_per_region: 64, batch_size: 32, early_stopping_patience: 0, min_positives: 1}}
+align: {{angular_step_deg: 20, psi_step_deg: 20, max_shift_px: 1, refine: false, memory_budget_gb: 0.0002}}
 """
 N_REGIONS = 12
 POLL_S, WAIT_LIMIT_S = 0.02, 120
@@ -108,7 +109,7 @@ def test_train_stopped_by_ctrl_c_resumes_to_the_uninterrupted_result(tiny, train
     saved = sorted(resume_dir.glob("region_*.msgpack"))
     assert saved
     states = {int(f.stem.split("_")[1]): ckpt.read_entry(f) for f in saved}  # whole files only
-    assert all(int(s["epoch"]) < 2 for s in states.values()), "interrupted after the last epoch: nothing left to resume"
+    assert all(int(s["epoch"]) < EPOCHS - 1 for s in states.values()), "interrupted after the last epoch: nothing left to resume"
 
     run_deepalign("train", p, "--config", cfg, "--resume", check=True)
     state = yaml.safe_load((p / "project.yaml").read_text())
