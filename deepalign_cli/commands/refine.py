@@ -397,11 +397,7 @@ def finest_state(state: State, store: ChunkStore) -> tuple[State, int]:
     the result (benchmarks/RESULTS.md, "refine: a global pass"). The gold-standard resolution, an
     honest measure, picks between them. Returns (state, its iteration)."""
     hist = state.history
-    best = len(hist) - 1
-    for h in hist[1:]:
-        k = h["iteration"] - 1
-        if h.get("global_pass") and hist[k]["resolution_ang"] < hist[best]["resolution_ang"]:
-            best = k
+    best = refinement.written_iteration(hist)
     if best == len(hist) - 1:
         return state, best
     saved = store.load(best, STATE_ARRAYS)

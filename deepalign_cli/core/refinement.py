@@ -226,3 +226,15 @@ def global_pass_lost(history: list[dict]) -> bool:
     if len(history) < 3 or history[-1].get("global_pass") or not history[-2].get("global_pass"):
         return False
     return history[-1]["resolution_ang"] >= history[-3]["resolution_ang"]
+
+
+def written_iteration(history: list[dict]) -> int:
+    """The iteration refine writes: the last one, unless the iteration just before a global pass had
+    a finer half-set resolution than the last (then the finest such one). history: one dict per
+    iteration (index = iteration) with resolution_ang and, for a global pass, global_pass."""
+    best = len(history) - 1
+    for h in history[1:]:
+        k = h["iteration"] - 1
+        if h.get("global_pass") and history[k]["resolution_ang"] < history[best]["resolution_ang"]:
+            best = k
+    return best
