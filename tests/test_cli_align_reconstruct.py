@@ -198,19 +198,20 @@ def test_search_reference_weights_a_map_with_halves_by_their_fsc_and_scores_the_
     vol = rng.normal(size=(BOX, BOX, BOX)).astype(np.float32)
     geo = gallery.search_geometry(BOX, PIXEL)
     curve = np.r_[np.linspace(1.0, 0.2, 10), -0.05, np.full(BOX // 2 + 1 - 11, 0.3)]  # noise from shell 10 on
-    weighted, band, how = _reconstruction.search_reference(_reconstruction.Reference(vol, "x", curve), PIXEL, geo, None)
+    ones = np.ones_like(vol)  # the filter alone (the mask: tests/test_mask.py)
+    weighted, band, how = _reconstruction.search_reference(_reconstruction.Reference(vol, "x", curve), PIXEL, geo, None, ones)
     assert "FSC" in how and band == pytest.approx(BOX * PIXEL / 9)  # shell 9, the last one before the FSC ≤ 0
     shells = reconstruction.shell_index(BOX)
     ratio = np.abs(np.fft.fftn(weighted)) / np.maximum(np.abs(np.fft.fftn(vol)), 1e-6)
     np.testing.assert_allclose(ratio[shells == 5], np.sqrt(2 * curve[5] / (1 + curve[5])), rtol=1e-3)
     assert ratio[shells >= 10].max() < 1e-4
-    full, band_full, _ = _reconstruction.search_reference(_reconstruction.Reference(vol, "x", np.ones(BOX // 2 + 1)), PIXEL, geo, None)
+    full, band_full, _ = _reconstruction.search_reference(_reconstruction.Reference(vol, "x", np.ones(BOX // 2 + 1)), PIXEL, geo, None, ones)
     assert band_full == pytest.approx(2 * PIXEL)  # every shell kept: to Nyquist
     inside = shells <= BOX // 2
     np.testing.assert_allclose(np.fft.fftn(full)[inside], np.fft.fftn(vol)[inside], atol=1e-2)
     for ref, lowpass in ((_reconstruction.Reference(vol, "x"), None), (_reconstruction.Reference(vol, "x", curve), 30.0)):
         g = gallery.search_geometry(BOX, PIXEL, lowpass_resolution_ang=lowpass)  # no halves, or a band the user set
-        out, b, how = _reconstruction.search_reference(ref, PIXEL, g, lowpass)
+        out, b, how = _reconstruction.search_reference(ref, PIXEL, g, lowpass, ones)
         assert how.startswith("low-passed") and b == g.resolution_ang
         np.testing.assert_allclose(out, preprocess.lowpass_volume(vol, PIXEL, g.resolution_ang), atol=1e-5)
 
@@ -236,7 +237,28 @@ def test_reference_that_cannot_be_resampled_is_a_one_line_error(clean, tmp_path)
         m.voxel_size = 8.0
     one_line_error(run("align", clean, "--exhaustive", "--reference", coarse), "coarse.mrc", "coarser than")
     one_line_error(run("align", clean, "--exhaustive", "--reference", odd), "odd.mrc", "cannot be Fourier-cropped")
+    empty = tmp_path / "empty_mask.mrc"
+    with mrcfile.new(empty) as m:
+        m.set_data(np.zeros_like(vol))
+        m.voxel_size = PIXEL
+    one_line_error(run("align", clean, "--exhaustive", "--mask", tmp_path / "absent.mrc"), "absent.mrc", "mask not found")
+    one_line_error(run("align", clean, "--exhaustive", "--mask", empty), "empty_mask.mrc", "no positive values")
+    one_line_error(run("align", clean, "--exhaustive", "--mask", coarse), "coarse.mrc", "coarser than")
     assert not (clean / "align_exhaustive").exists()
+
+
+def test_align_masks_its_reference_with_a_solvent_mask_unless_given_one(project, tmp_path):
+    ok(run("align", project, "--exhaustive", "--reference", project / "simulated" / "map.mrc", "--angular-step", STEP, "--force"))
+    summary = json.loads((project / "align_exhaustive" / "summary.json").read_text())
+    assert "solvent mask made from it" in summary["reference_filter"]
+    box_mask = tmp_path / "box_mask.mrc"
+    with mrcfile.new(box_mask) as m:  # all ones: the search sees the low-passed map alone
+        m.set_data(np.ones((BOX, BOX, BOX), np.float32))
+        m.voxel_size = PIXEL
+    ok(run("align", project, "--exhaustive", "--reference", project / "simulated" / "map.mrc", "--mask", box_mask,
+           "--angular-step", STEP, "--force"))
+    summary = json.loads((project / "align_exhaustive" / "summary.json").read_text())
+    assert "the given mask (100.0 % of the box)" in summary["reference_filter"]
 
 
 def test_missing_predictions_is_a_one_line_error_and_creates_no_align_folder(clean, monkeypatch, capsys):

@@ -1,10 +1,12 @@
-"""A/B of align's reference filter and score band (benchmarks/RESULTS.md, "align: an FSC-weighted
-reference"): the exhaustive search of a finished benchmark project's particles against its
-labelled-subset reference, low-passed to the target resolution (align before 2026-12-06), unfiltered
-to Nyquist, weighted by its half maps' FSC to Nyquist (align now), and the true map (the ceiling).
+"""A/B of align's reference filter, mask and score band (benchmarks/RESULTS.md, "align: an
+FSC-weighted reference" and "align: a masked reference"): the exhaustive search of a finished
+benchmark project's particles against its labelled-subset reference, low-passed to the target
+resolution (align before 2026-12-06), unfiltered to Nyquist, weighted by its half maps' FSC to
+Nyquist, that times a soft sphere, that times the solvent mask made from it (align now:
+`search_reference`), and the true map (the ceiling).
 
     W=/tmp/deepalign_refine_bench .venv/bin/python benchmarks/experiments/align_reference_filter.py 3000
-    W=/tmp/acc_new/C1 .venv/bin/python benchmarks/experiments/align_reference_filter.py 1500 today,fscw_band_nyq,raw,truth
+    W=/tmp/acc_new/C1 .venv/bin/python benchmarks/experiments/align_reference_filter.py 1500 lp20,fscw_band_nyq,sphere,solvent,truth
 
 W: a workdir of benchmarks/refine.py or benchmarks/accuracy.py (its da/ project, truth.star,
 subset.star, truth_map.mrc). Args: particles (the first N), variant name filters. Writes
@@ -17,9 +19,9 @@ from deepalign_cli.io.project import Project
 from deepalign_cli.io import star
 from deepalign_cli.particles import ParticleSource
 from deepalign_cli.config import PreprocessConfig
-from deepalign_cli.core import evaluation, preprocess, projector, reconstruction, regions, symmetry
+from deepalign_cli.core import evaluation, gallery, mask, preprocess, projector, reconstruction, regions, symmetry
 from deepalign_cli.core.alignment import align_particles
-from deepalign_cli.commands._reconstruction import reference_at_working_geometry
+from deepalign_cli.commands._reconstruction import Reference, reference_at_working_geometry, search_reference
 
 import os
 W = Path(os.environ.get("W", "/tmp/deepalign_refine_bench"))
@@ -54,10 +56,12 @@ tmap = reference_at_working_geometry(W / "truth_map.mrc", box, pix) if (W/"truth
 def fscw(v):  # align's filter: each shell × sqrt(2·FSC/(1+FSC)) of the half maps (C_ref of the full map)
     return reconstruction.shell_filter(v, reconstruction.fsc_weights(fsc))
 variants = {
-  "lp20_band20 (today)": (preprocess.lowpass_volume(ref, pix, TGT), TGT, 7.5),
+  "lp20_band20 (before 2026-12-06)": (preprocess.lowpass_volume(ref, pix, TGT), TGT, 7.5),
   "raw_band_nyq": (ref, 2 * pix, 7.5),
   "fscw_band_nyq": (fscw(ref), 2 * pix, 7.5),
   "fscw_band_nyq_step5": (fscw(ref), 2 * pix, 5.0),
+  "fscw_sphere_band_nyq": (fscw(ref) * mask.soft_sphere(box, 0.45 * box - 2, 2.0), 2 * pix, 7.5),
+  "fscw_solvent_band_nyq (now)": (search_reference(Reference(ref, "subset", fsc), pix, gallery.search_geometry(box, pix), None)[0], 2 * pix, 7.5),
   "lp20_band20_step5": (preprocess.lowpass_volume(ref, pix, TGT), TGT, 5.0),
   "truth_band_nyq": (tmap, 2 * pix, 7.5),
 }

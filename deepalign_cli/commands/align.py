@@ -8,6 +8,7 @@ Examples:
     deepalign align demo --regions 0-9,17                  # one SLURM shard (top-1 region in the list)
     deepalign align demo --merge                           # shards → demo/align/aligned.star
     deepalign align demo --exhaustive                      # whole asymmetric unit → demo/align_exhaustive/
+    deepalign align demo --reference emd_1234.mrc --mask mask.mrc   # your own mask instead of the solvent mask
 
 Reference: --reference, else PROJECT/reconstruct/reference/map.mrc (`deepalign reconstruct PROJECT
 --from PROJECT/label/labels.star --out reference`), else that same reconstruction built on the fly
@@ -19,8 +20,12 @@ and `refine` write them, or the on-the-fly reconstruction) is weighted shell by 
 sqrt(2·FSC/(1+FSC)), and scored over the whole band it supports (up to the working box's Nyquist).
 Any other map, or any map when align.lowpass_resolution_ang is set, is low-passed to
 align.lowpass_resolution_ang, else preprocess.target_resolution_ang, else 3 × the working pixel
-(the paper's pixel = resolution / 3), and the score uses the same band. summary.json records which
-(reference_filter) and the band (lowpass_resolution_ang). Angular step default: Crowther, atan(resolution / box size in Å);
+(the paper's pixel = resolution / 3), and the score uses the same band. The filtered map is then
+masked: by --mask (any box and voxel size a reference may have, resampled the same way, values
+clipped to [0, 1]), else by a solvent mask made from the filtered map itself (core.mask: smoothed to
+30 Å, thresholded 3 SD above the solvent in the box's corners, extended 14 Å, 20 Å soft edge), so
+the reference's solvent noise is not correlated with every image. summary.json records the filter
+and the mask (reference_filter) and the band (lowpass_resolution_ang). Angular step default: Crowther, atan(resolution / box size in Å);
 psi step default: the angular step. The gallery margin is at least 2 × 0.77 × step so that a pose
 on a region border always has its nearest lattice direction in the gallery.
 
@@ -64,7 +69,8 @@ from ..particles import ParticleSource, check_against_project
 from ..regionspec import region_lists
 from ._common import (CONFIG_OPT, FORCE_OPT, PROJECT_ARG, Timer, check_can_run, console, exit_on_interrupt, progress, settings_digest,
                       stage_config)
-from ._reconstruction import align_geometry, load_reference, project_preprocess, project_regions, search_reference
+from ._reconstruction import (align_geometry, load_reference, mask_at_working_geometry, project_preprocess, project_regions,
+                              search_reference)
 
 SHARDS = "shards"
 RESULT_ARRAYS = ("eulers_deg", "origins_px", "score", "region", "whole_unit")  # one chunk's saved results
@@ -171,6 +177,7 @@ def merge_shards(proj: Project, table: star.ParticleTable, out_dir: Path) -> tup
 def command(
     project: Path = PROJECT_ARG,
     reference: Path = typer.Option(None, "--reference", "-r", help="reference map (MRC); default: PROJECT/reconstruct/reference/map.mrc", show_default=False),
+    mask: Path = typer.Option(None, "--mask", help="reference mask (MRC; default: a solvent mask made from the reference)", show_default=False),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="search the whole asymmetric unit (baseline) → PROJECT/align_exhaustive/"),
     regions_spec: str = typer.Option(None, "--regions", help="shard: only particles whose top-1 region is in e.g. 0-9,17", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="join the --regions shards into aligned.star"),
@@ -185,11 +192,11 @@ def command(
 ) -> None:
     """Correlation search inside each particle's top-k regions (or the whole asymmetric unit)."""
     with exit_on_interrupt():
-        _align(project, reference, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
+        _align(project, reference, mask, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
                resume, config, force)
 
 
-def _align(project, reference, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
+def _align(project, reference, mask, exhaustive, regions_spec, merge, angular_step, psi_step, max_shift, top_k, memory_budget_gb,
            resume, config, force) -> None:
     cfg, al = stage_config(config, "align", angular_step_deg=angular_step, psi_step_deg=psi_step, max_shift_px=max_shift,
                            memory_budget_gb=memory_budget_gb)
@@ -209,8 +216,9 @@ def _align(project, reference, exhaustive, regions_spec, merge, angular_step, ps
     check_against_project(source, proj, proj.particles_star)
     geo = align_geometry(source, pre, al)
     with Timer() as t:
+        user_mask = None if mask is None else mask_at_working_geometry(mask, source.box, source.pixel_ang)
         ref = load_reference(proj, reference, source, pre, config)
-        vol, band, ref_filter = search_reference(ref, source.pixel_ang, geo, al.lowpass_resolution_ang)
+        vol, band, ref_filter = search_reference(ref, source.pixel_ang, geo, al.lowpass_resolution_ang, user_mask)
         cand_mat = candidate_matrix([cands[i] for i in rows]) if cands is not None and not exhaustive else None
         chunk = source.chunk_size(al.memory_budget_gb)
         digest = settings_digest(

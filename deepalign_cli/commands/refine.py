@@ -54,6 +54,7 @@ import typer
 from .. import plots
 from ..config import AlignConfig, PreprocessConfig, RefineConfig
 from ..core import geometry, preprocess, projector, reconstruction, refinement
+from ..core import mask as mask_mod
 from ..core.alignment import align_particles
 from ..core.gallery import NYQUIST_PX
 from ..core.score import fourier_band, particle_ctfs, particle_features
@@ -185,7 +186,7 @@ def mask_at(inp: Inputs, box: int) -> np.ndarray:
     if inp.mask is not None:
         return np.clip(refinement.fourier_resize_volume(inp.mask, box), 0.0, 1.0)
     pixel = inp.pixel_in * inp.box_in / box
-    return refinement.soft_sphere(box, min(0.5 * inp.diameter_ang / pixel, box / 2 - 1), edge_px=max(2.0, 0.05 * box))
+    return mask_mod.soft_sphere(box, min(0.5 * inp.diameter_ang / pixel, box / 2 - 1), edge_px=max(2.0, 0.05 * box))
 
 
 def source_at(inp: Inputs, box: int) -> ParticleSource:

@@ -137,14 +137,6 @@ def fourier_resize_volume(vol, new_box: int) -> np.ndarray:
     return (np.real(res) * (new_box / n) ** 3).astype(np.float32)
 
 
-def soft_sphere(box: int, radius_px: float, edge_px: float = 3.0) -> np.ndarray:
-    """(N, N, N) float32 mask: 1 inside radius_px, a raised-cosine edge of width edge_px, 0 outside."""
-    c = np.arange(box) - box // 2
-    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    t = np.clip((r - radius_px) / max(edge_px, 1e-6), 0.0, 1.0)
-    return (0.5 * (1 + np.cos(np.pi * t))).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------- local search
 def local_rotations(radius_deg: float) -> np.ndarray:
     """Rotations (J, 3, 3) of a ball grid: rotation vectors h·(i, j, k), |(i, j, k)| ≤
