@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from deepalign_cli import main
 from deepalign_cli.commands import refine as refine_cmd
 from deepalign_cli.core import geometry, preprocess, projector, reconstruction, refinement
+from deepalign_cli.core import mask as mask_mod
 from deepalign_cli.core.score import fourier_band, particle_features
 from deepalign_cli.errors import DeepAlignError
 from deepalign_cli.io import mrc, star
@@ -165,6 +166,20 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_refine_masks_with_a_solvent_mask_of_the_map_unless_given_one():
+    """The default mask follows the molecule of the map the references come from (before
+    2026-12-06: a sphere of the particle diameter, by default the whole box); a user mask is resized."""
+    from types import SimpleNamespace
+
+    vol = np.asarray(preprocess.fourier_crop_volume(mrc.read_map(SHIPPED)[0], 32))
+    inp = SimpleNamespace(mask=None, pixel_in=5.0 * 65 / 64, box_in=64)
+    m = refine_cmd.mask_at(inp, 32, vol)
+    np.testing.assert_array_equal(m, mask_mod.solvent_mask(vol, 5.0 * 65 / 32))
+    assert 0.05 < m.mean() < 0.4 and m[vol > 0.2 * vol.max()].min() >= 0.99
+    inp.mask = np.ones((64,) * 3, np.float32)
+    np.testing.assert_allclose(refine_cmd.mask_at(inp, 32, vol), 1.0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ bad input
 def _small_project(tmp_path: Path) -> Path:
     proj = tmp_path / "small"
@@ -236,6 +251,7 @@ def test_refine_improves_perturbed_poses_to_near_the_true_resolution(refine_sim,
                                        {k: (np.asarray(v)[half == h] if np.ndim(v) else v) for k, v in ctf.items()}, pixel) for h in (1, 2)]
     true_res = reconstruction.resolution_at(*reconstruction.fsc(*maps), pixel)
     assert summary["resolution_ang"] < summary["input_resolution_ang"]
+    assert summary["mask"].startswith("solvent mask")
     assert summary["resolution_ang"] <= 1.03 * true_res, (summary["resolution_ang"], true_res)  # measured ≤ 1.2 % worse
     with mrcfile.open(out / "map.mrc", permissive=True) as m:
         assert m.data.shape == (64, 64, 64) and float(m.voxel_size.x) == pytest.approx(pixel, rel=1e-3)

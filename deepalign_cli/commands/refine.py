@@ -16,8 +16,8 @@ reconstruction counts each particle at all its symmetry-equivalent poses A·R.
 Iteration 0 reconstructs both halves from the input poses at twice the project's working box (up
 to the full box; FSC → starting resolution). Each following iteration: the working box grows to the current resolution
 (pixel = resolution / 3, up to the particles' full box), each half's reference is its last map
-FSC-weighted (sqrt(2·FSC/(1+FSC))) and masked (--mask, else a soft sphere of
-refine.particle_diameter_ang), every particle is searched locally — rotations within two Crowther
+FSC-weighted (sqrt(2·FSC/(1+FSC))) and masked (--mask, else a solvent mask made from the two
+halves' FSC-weighted average, core.mask), every particle is searched locally — rotations within two Crowther
 steps of its pose, integer shifts within refine.shift_range_px, then sub-step passes — and both
 halves are reconstructed from the new poses. With --reference, the first iteration's references
 are that map low-passed to refine.initial_lowpass_ang instead. The local iterations have settled
@@ -90,7 +90,7 @@ class Inputs:
     box_in: int
     pixel_in: float
     diameter_ang: float
-    mask: np.ndarray | None  # at the particles' box, or None: a soft sphere of the diameter
+    mask: np.ndarray | None  # at the particles' box, or None: a solvent mask of each iteration's map
     reference: np.ndarray | None  # at the particles' box, or None
     wiener_constant: float
     symmetry: str  # the project's point group (RELION's name)
@@ -181,12 +181,17 @@ def load_inputs(proj: Project, from_star: Path | None, reference: Path | None, m
                   symmetry, ops, centres, al)
 
 
-def mask_at(inp: Inputs, box: int) -> np.ndarray:
-    """The mask at a working box: the user's resampled, else a soft sphere of the particle diameter."""
+def mask_at(inp: Inputs, box: int, vol: np.ndarray) -> np.ndarray:
+    """The mask at a working box: the user's resampled, else a solvent mask made from `vol`, the
+    map the references come from at that box (``core.mask.solvent_mask``)."""
     if inp.mask is not None:
         return np.clip(refinement.fourier_resize_volume(inp.mask, box), 0.0, 1.0)
-    pixel = inp.pixel_in * inp.box_in / box
-    return mask_mod.soft_sphere(box, min(0.5 * inp.diameter_ang / pixel, box / 2 - 1), edge_px=max(2.0, 0.05 * box))
+    return mask_mod.solvent_mask(vol, inp.pixel_in * inp.box_in / box)
+
+
+def weighted_average(half1, half2, fsc_curve) -> np.ndarray:
+    """Both halves' average, FSC-weighted: the map a solvent mask is made from."""
+    return reconstruction.shell_filter(0.5 * (np.asarray(half1) + np.asarray(half2)), reconstruction.fsc_weights(fsc_curve))
 
 
 def source_at(inp: Inputs, box: int) -> ParticleSource:
@@ -287,12 +292,13 @@ def next_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     geo = refinement.iteration_geometry(last["resolution_ang"], inp.box_in, inp.pixel_in, inp.diameter_ang, rf.shift_range_px,
                                         min_box=state.box)
     pixel = geo.pixel_ang
-    mask = mask_at(inp, geo.box_px)
     if it == 1 and inp.reference is not None:
-        ref = preprocess.lowpass_volume(refinement.fourier_resize_volume(inp.reference, geo.box_px), pixel, rf.initial_lowpass_ang)
-        refs = (np.asarray(ref) * mask,) * 2
+        ref = refinement.fourier_resize_volume(inp.reference, geo.box_px)
+        ref = np.asarray(preprocess.lowpass_volume(ref, pixel, rf.initial_lowpass_ang))
+        refs = (ref * mask_at(inp, geo.box_px, ref),) * 2
     else:
         h1, h2 = (refinement.fourier_resize_volume(v, geo.box_px) for v in (state.half1, state.half2))
+        mask = mask_at(inp, geo.box_px, weighted_average(h1, h2, state.fsc))
         refs = refinement.half_references(h1, h2, state.fsc, pixel, mask, rf.join_resolution_ang)
     src = source_at(inp, geo.box_px)
     with Timer() as t:
@@ -313,7 +319,8 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     al = inp.align
     geo = align_geometry(src, inp.pre, al)
     pixel_state = inp.pixel_in * inp.box_in / state.box
-    refs = refinement.half_references(state.half1, state.half2, state.fsc, pixel_state, mask_at(inp, state.box), rf.join_resolution_ang)
+    mask = mask_at(inp, state.box, weighted_average(state.half1, state.half2, state.fsc))
+    refs = refinement.half_references(state.half1, state.half2, state.fsc, pixel_state, mask, rf.join_resolution_ang)
     # the references are FSC-weighted, so (as align does with such a reference) the score takes the
     # whole band they support at align's box, unless align.lowpass_resolution_ang fixes it
     band = geo.resolution_ang if al.lowpass_resolution_ang else max(
@@ -442,7 +449,8 @@ def command(
     from_star: Path = typer.Option(None, "--from", help="particles with poses (default: PROJECT/align/aligned.star)", show_default=False),
     reference: Path = typer.Option(None, "--reference", "-r", help="first references: this map low-passed to refine.initial_lowpass_ang "
                                    "(default: each half's reconstruction from the input poses)", show_default=False),
-    mask: Path = typer.Option(None, "--mask", help="reference mask at the particles' box and pixel (default: a soft sphere)", show_default=False),
+    mask: Path = typer.Option(None, "--mask", help="reference mask at the particles' box and pixel (default: a solvent mask "
+                              "made from each iteration's map)", show_default=False),
     iterations: int = typer.Option(None, "--iterations", min=1, help="most iterations (refine.iterations)", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="continue from the last iteration an interrupted run with the same settings finished"),
     config: Path = CONFIG_OPT,
@@ -466,7 +474,7 @@ def _refine(project, from_star, reference, mask, iterations, resume, config, for
                           ops, centres, al)
         digest = settings_digest(STAGE, rf, rec, al, inp.pre, inp.symmetry, hashlib.sha256(inp.path.read_bytes()).digest(), array_digest(inp.half),
                                  None if inp.reference is None else array_digest(inp.reference),
-                                 None if inp.mask is None else array_digest(inp.mask))
+                                 "solvent mask" if inp.mask is None else array_digest(inp.mask))
         store = ChunkStore.for_stage(out_dir, digest, resume)
         state, reused = run_iterations(inp, rf, store, resume)
         state, kept = finest_state(state, store)
@@ -481,7 +489,7 @@ def _refine(project, from_star, reference, mask, iterations, resume, config, for
                "symmetry": inp.symmetry,
                "halves_from": SUBSET_COLUMN if inp.half_from_input else f"random split (seed {rf.seed})",
                "reference": str(Path(reference).resolve()) if reference is not None else "each half's reconstruction from the input poses",
-               "mask": str(Path(mask).resolve()) if mask is not None else f"soft sphere, {inp.diameter_ang:.1f} Å diameter",
+               "mask": str(Path(mask).resolve()) if mask is not None else "solvent mask of each iteration's map (core.mask)",
                "input_resolution_ang": hist[0]["resolution_ang"], "input_box_px": hist[0]["box_px"], "resolution_ang": hist[kept]["resolution_ang"],
                "resolution_fsc05_ang": hist[kept]["resolution_fsc05_ang"], "final_box_px": hist[kept]["box_px"],
                "final_pixel_ang": hist[kept]["pixel_ang"], "nyquist_ang": round(2 * inp.pixel_in, 3),
