@@ -257,7 +257,7 @@ QUICK_TRAIN = {"images_per_region": 512}  # --quick: 4 steps per region and epoc
 
 
 def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None,
-                           synthetic_per_region: int = 0) -> dict:
+                           synthetic_per_region: int = 0, train_overrides: dict | None = None) -> dict:
     import yaml
 
     cfg = json.loads(json.dumps(DEEPALIGN_CONFIG))
@@ -269,8 +269,15 @@ def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_
         cfg["predict"] = {"coverage": coverage}
     if quick:
         cfg["train"].update(QUICK_TRAIN)
+    cfg["train"].update(train_overrides or {})
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return cfg
+
+
+def train_overrides(args) -> dict:
+    """train: keys set on the command line (--images-per-region, --epochs)."""
+    keys = {"images_per_region": args.images_per_region, "epochs": args.epochs}
+    return {k: v for k, v in keys.items() if v is not None}
 
 
 def _whole_fraction(summary: dict) -> float | None:
@@ -279,9 +286,9 @@ def _whole_fraction(summary: dict) -> float | None:
 
 
 def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None,
-                  synthetic_per_region: int = 0, refine: bool = True) -> dict:
+                  synthetic_per_region: int = 0, refine: bool = True, train_overrides: dict | None = None) -> dict:
     cfg_path = case_dir / "deepalign.yaml"
-    cfg = write_deepalign_config(cfg_path, sym, quick, model, coverage, synthetic_per_region)
+    cfg = write_deepalign_config(cfg_path, sym, quick, model, coverage, synthetic_per_region, train_overrides)
     p = case_dir / "da"
     if p.exists():
         shutil.rmtree(p)
@@ -464,7 +471,8 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     pose_sets: dict = {}
     own_maps: dict = {}
     if not args.skip_deepalign:
-        da = run_deepalign(case_dir, sym, args.quick, args.model, args.coverage, args.synthetic_per_region, not args.skip_refine)
+        da = run_deepalign(case_dir, sym, args.quick, args.model, args.coverage, args.synthetic_per_region, not args.skip_refine,
+                           train_overrides(args))
         res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")} | {
             "model": args.model, "coverage": args.coverage, "synthetic_per_region": args.synthetic_per_region}
         for m in da["poses"]:
@@ -584,6 +592,8 @@ def main() -> int:
     ap.add_argument("--noise-micrograph", type=Path, default=None,
                     help="noise cut from this real micrograph (MRC with its pixel size) instead of white Gaussian noise, "
                          "e.g. ../shared/data/micrograph_noise/fei_extended_1.668A_1024.mrc")
+    ap.add_argument("--images-per-region", type=int, default=None, help="train.images_per_region (default 1,024; 512 with --quick)")
+    ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
     args = ap.parse_args()
@@ -619,7 +629,8 @@ def main() -> int:
                      "relion_mode": args.relion_mode, "relion_iter": args.relion_iter if args.relion_mode == "global" else None,
                      "relion_healpix_order": args.relion_healpix, "fsc_threshold": FSC_THRESHOLD, "deepalign_config": DEEPALIGN_CONFIG, "deepalign_model": args.model,
                      "quick_train_override": QUICK_TRAIN if args.quick else None, "seed": args.seed,
-                     "synthetic_per_region": args.synthetic_per_region, "refine": not args.skip_refine},
+                     "synthetic_per_region": args.synthetic_per_region, "refine": not args.skip_refine,
+                     "train_overrides": train_overrides(args)},
         "total_s": time.perf_counter() - t0,
         "workdir": str(work),
     }

@@ -166,6 +166,21 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_a_global_pose_replaces_only_poses_it_finds_elsewhere():
+    """moved_elsewhere: beyond the radius (full rotation, minimised over the symmetry group) → True."""
+    from deepalign_cli.core import symmetry
+
+    now = np.array([[10.0, 60.0, 30.0]] * 4)
+    turn = geometry.axis_angle_to_matrix([1.0, 0.0, 0.0], 20.0)
+    glob = np.stack([now[0], now[0] + [0.0, 0.0, 5.0],  # the same pose; 5° in psi
+                     geometry.matrix_to_euler(geometry.eulers_to_matrices(now[:1]) @ turn)[0],  # 20° away
+                     geometry.matrix_to_euler(geometry.eulers_to_matrices(now[:1]) @ symmetry.symmetry_operators("C4")[1])[0]])  # a C4 mate
+    c1, c4 = symmetry.symmetry_operators("C1"), symmetry.symmetry_operators("C4")
+    assert refinement.moved_elsewhere(now, glob, c1, 10.0).tolist() == [False, False, True, True]
+    assert refinement.moved_elsewhere(now, glob, c4, 10.0).tolist() == [False, False, True, False]
+    assert refinement.moved_elsewhere(now, glob, c1, 4.0).tolist() == [False, True, True, True]
+
+
 def test_refine_masks_with_a_solvent_mask_of_the_map_unless_given_one():
     """The default mask follows the molecule of the map the references come from (before
     2026-12-06: a sphere of the particle diameter, by default the whole box); a user mask is resized."""

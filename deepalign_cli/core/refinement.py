@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .consensus import pose_differences
 from .gallery import NYQUIST_PX, default_angular_step_deg
 from .preprocess import PAPER_PIXEL_PER_RESOLUTION, downsampled_box
 from .projector import VolumeFT
@@ -218,6 +219,15 @@ def global_pass_lost(history: list[dict]) -> bool:
     if len(history) < 3 or history[-1].get("global_pass") or not history[-2].get("global_pass"):
         return False
     return history[-1]["resolution_ang"] >= history[-3]["resolution_ang"]
+
+
+def moved_elsewhere(eulers_now, eulers_global, ops, radius_deg: float) -> np.ndarray:
+    """(n,) bool: the particles a global pass found more than radius_deg (symmetry-aware full
+    rotation) from their current pose — beyond what a local search around it reaches. Only these
+    take the global pose; the others keep theirs, which is finer than the global search's (align's
+    box and step) and which the local iterations would otherwise have to find again.
+    eulers_now, eulers_global: (n, 3) RELION degrees.  ops: (G, 3, 3) symmetry operators."""
+    return pose_differences(eulers_now, eulers_global, ops, mode="rotation") > radius_deg
 
 
 def written_iteration(history: list[dict]) -> int:
