@@ -191,11 +191,6 @@ def mask_at(inp: Inputs, box: int, vol: np.ndarray) -> np.ndarray:
     return mask_mod.solvent_mask(vol, inp.pixel_in * inp.box_in / box)
 
 
-def weighted_average(half1, half2, fsc_curve) -> np.ndarray:
-    """Both halves' average, FSC-weighted: the map a solvent mask is made from."""
-    return reconstruction.shell_filter(0.5 * (np.asarray(half1) + np.asarray(half2)), reconstruction.fsc_weights(fsc_curve))
-
-
 def source_at(inp: Inputs, box: int) -> ParticleSource:
     """The particles prepared at a working box (Fourier crop to it, the project's normalisation)."""
     pixel = inp.pixel_in * inp.box_in / box
@@ -300,7 +295,7 @@ def next_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
         refs = (ref * mask_at(inp, geo.box_px, ref),) * 2
     else:
         h1, h2 = (refinement.fourier_resize_volume(v, geo.box_px) for v in (state.half1, state.half2))
-        mask = mask_at(inp, geo.box_px, weighted_average(h1, h2, state.fsc))
+        mask = mask_at(inp, geo.box_px, refinement.weighted_average(h1, h2, state.fsc))
         refs = refinement.half_references(h1, h2, state.fsc, pixel, mask, rf.join_resolution_ang)
     src = source_at(inp, geo.box_px)
     with Timer() as t:
@@ -323,7 +318,7 @@ def global_state(inp: Inputs, rf: RefineConfig, state: State, it: int) -> State:
     al = inp.align
     geo = align_geometry(src, inp.pre, al)
     pixel_state = inp.pixel_in * inp.box_in / state.box
-    mask = mask_at(inp, state.box, weighted_average(state.half1, state.half2, state.fsc))
+    mask = mask_at(inp, state.box, refinement.weighted_average(state.half1, state.half2, state.fsc))
     refs = refinement.half_references(state.half1, state.half2, state.fsc, pixel_state, mask, rf.join_resolution_ang)
     # the references are FSC-weighted, so (as align does with such a reference) the score takes the
     # whole band they support at align's box, unless align.lowpass_resolution_ang fixes it

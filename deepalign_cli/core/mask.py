@@ -12,7 +12,7 @@ extended by MASK_EXTEND_ANG and given a raised-cosine edge of MASK_EDGE_ANG.
 
 Measured (benchmarks/RESULTS.md, "align: a masked reference"): on EMD-11007 particles with real
 micrograph noise (SNR 0.03, 30-px working box), the exhaustive search found 78.0 % of held-out
-particles within 5° with the FSC-weighted subset reference, 85.1 % with it times a soft sphere and
+particles within 5° with the FSC-weighted subset reference, 85.0 % with it times a soft sphere and
 87.5–88.2 % times this solvent mask (89.9 % with the true map unmasked); on C1 ribosome particles
 (SNR 0.05) 89.1 → 97.6 % (a sphere: 97.8 %). Thresholds of 2–3 SD and extensions of 7–14 Å all
 scored within 1 point of each other.
@@ -32,11 +32,15 @@ SOLVENT_RADIUS_FRACTION = 0.45  # the solvent sample: voxels further than this �
 MIN_COMPONENT_FRACTION = 0.1  # blobs smaller than this × the largest are noise, not molecule
 
 
+def _radius_px(box: int) -> np.ndarray:
+    """(N, N, N) distance of every voxel from the box centre (N // 2), in px."""
+    c = np.arange(box) - box // 2
+    return np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+
+
 def soft_sphere(box: int, radius_px: float, edge_px: float = 3.0) -> np.ndarray:
     """(N, N, N) float32 mask: 1 inside radius_px, a raised-cosine edge of width edge_px, 0 outside."""
-    c = np.arange(box) - box // 2
-    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    t = np.clip((r - radius_px) / max(edge_px, 1e-6), 0.0, 1.0)
+    t = np.clip((_radius_px(box) - radius_px) / max(edge_px, 1e-6), 0.0, 1.0)
     return (0.5 * (1 + np.cos(np.pi * t))).astype(np.float32)
 
 
@@ -51,14 +55,12 @@ def solvent_mask(vol, pixel_ang: float) -> np.ndarray:
     """(N, N, N) float32 soft mask of the molecule in the map `vol` at pixel_ang Å/px (see the module).
 
     Blobs above the threshold that are smaller than MIN_COMPONENT_FRACTION of the largest are
-    dropped (noise that passed the threshold). A map with nothing above the threshold (pure noise)
+    dropped (noise that passed the threshold). A map with nothing above the threshold (a flat map)
     gets the soft sphere of radius SOLVENT_RADIUS_FRACTION × box instead."""
     vol = np.asarray(vol, np.float64)
     box = vol.shape[0]
     smooth = _smoothed(vol, pixel_ang)
-    c = np.arange(box) - box // 2
-    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    solvent = smooth[r > SOLVENT_RADIUS_FRACTION * box]
+    solvent = smooth[_radius_px(box) > SOLVENT_RADIUS_FRACTION * box]
     floor = solvent.mean()
     molecule = smooth > floor + max(THRESHOLD_SD * solvent.std(), THRESHOLD_PEAK_FRACTION * (smooth.max() - floor))
     labels, n = ndimage.label(molecule)

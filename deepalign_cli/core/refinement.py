@@ -121,6 +121,12 @@ def half_references(half1, half2, fsc_curve, pixel_ang: float, mask=None,
     return refs[0], refs[1]
 
 
+def weighted_average(half1, half2, fsc_curve) -> np.ndarray:
+    """Both halves' average (N, N, N), FSC-weighted (:func:`fsc_weights`): the map refine makes its
+    solvent mask from."""
+    return shell_filter(0.5 * (np.asarray(half1, np.float32) + np.asarray(half2, np.float32)), fsc_weights(fsc_curve))
+
+
 def fourier_resize_volume(vol, new_box: int) -> np.ndarray:
     """A map (N, N, N) resampled to (M, M, M) over the same extent in Å (pixel × N / M) by cropping or
     zero-padding its centred Fourier transform; real-space values (the mean) are kept."""
