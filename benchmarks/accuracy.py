@@ -17,7 +17,7 @@ Per case (C1, and C4 with a C4-symmetrised map):
    Gaussian, or with ``--noise-micrograph`` crops of a real micrograph (``core.simulate``'s
    ``micrograph_noise``: resampled to the particles' pixel, random position, k·90° turn, mirror,
    each crop normalised) — and normalise the background like relion_preprocess (mean 0, std 1 outside a 0.75 radius). A random
-   10 % is the pre-aligned subset (true poses); the rest are the held-out particles scored below.
+   10 % (``--labelled-fraction``) is the pre-aligned subset (true poses); the rest are the held-out particles scored below.
 2. **deepalign**, through its CLI in subprocesses: init → label (--spacing 30) → train → predict
    (top-2) → reconstruct the subset's map (the paper's reference) → align → reconstruct → report
    --truth; and ``align --exhaustive`` (whole asymmetric unit, no CNN) from the same reference;
@@ -197,7 +197,8 @@ def relion_project_particles(case_dir: Path, rng, n: int, pixel: float, box: int
     return clean, eulers, origins_ang, ctf, seconds
 
 
-def make_dataset(case_dir: Path, sym: str, n: int, seed: int, snr: float = SNR, micrograph: Path | None = None) -> dict:
+def make_dataset(case_dir: Path, sym: str, n: int, seed: int, snr: float = SNR, micrograph: Path | None = None,
+                 fraction: float = PRE_ALIGNED_FRACTION) -> dict:
     """Truth map, relion_project particles with CTF + noise, particle/truth/subset STARs."""
     from deepalign_cli.core import preprocess
     from deepalign_cli.io import mrc, star
@@ -223,13 +224,25 @@ def make_dataset(case_dir: Path, sym: str, n: int, seed: int, snr: float = SNR, 
     names = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]
     star.write_particles(case_dir / "particles.star", star.make_table(names, None, None, PIXEL_ANG, BOX, ctf=ctf))
     star.write_particles(case_dir / "truth.star", star.make_table(names, eulers, origins_ang, PIXEL_ANG, BOX, ctf=ctf))
-    sub = np.sort(rng.choice(n, int(round(PRE_ALIGNED_FRACTION * n)), replace=False))
+    sub = np.sort(rng.choice(n, int(round(fraction * n)), replace=False))
     sub_ctf = {k: (v[sub] if isinstance(v, np.ndarray) else v) for k, v in ctf.items()}
     star.write_particles(case_dir / "subset.star",
                          star.make_table([names[i] for i in sub], eulers[sub], origins_ang[sub], PIXEL_ANG, BOX, ctf=sub_ctf))
     return {"n_particles": n, "n_subset": int(sub.size), "snr": snr, "noise_sigma_over_signal_std": float(np.sqrt(1 / snr)),
             "noise": "white" if micrograph is None else str(micrograph),
             "relion_project_s": project_s, "symmetry_check_min_ncc": sym_ncc}
+
+
+def resample_subset(case_dir: Path, fraction: float, seed: int) -> int:
+    """A new pre-aligned subset (subset.star: that fraction of truth.star's particles, with their
+    true poses) for reused particles; returns its size."""
+    from deepalign_cli.io import star
+
+    truth = star.read_particles(case_dir / "truth.star")
+    n = len(truth.particles)
+    sub = np.sort(np.random.default_rng(seed + 1).choice(n, int(round(fraction * n)), replace=False))
+    star.write_particles(case_dir / "subset.star", star.ParticleTable(truth.particles.iloc[sub].reset_index(drop=True), truth.optics, truth.source))
+    return int(sub.size)
 
 
 # ------------------------------------------------------------------------------------------ deepalign
@@ -461,8 +474,10 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     if (args.reuse_data and old is not None and (case_dir / "particles.star").exists()
             and (old.get("snr"), old.get("noise", "white")) == (args.snr, noise)):
         data = old
+        if data["n_subset"] != int(round(args.labelled_fraction * n)):
+            data = {**data, "n_subset": resample_subset(case_dir, args.labelled_fraction, seed)}
     else:
-        data = make_dataset(case_dir, sym, n, seed, args.snr, args.noise_micrograph)
+        data = make_dataset(case_dir, sym, n, seed, args.snr, args.noise_micrograph, args.labelled_fraction)
         (case_dir / "data.json").write_text(json.dumps(data))
     log(f"  data ready ({data['n_subset']} pre-aligned)")
     res: dict = {"symmetry": sym, "data": data, "load_before": load_average()}
@@ -556,7 +571,7 @@ def markdown(results: list[dict], relion_mode: str) -> str:
     return "\n".join(lines)
 
 
-NOTES = ("Held-out particles only (not in the 10 % pre-aligned subset); errors are full-rotation, minimised over the symmetry "
+NOTES = ("Held-out particles only (not in the pre-aligned subset); errors are full-rotation, minimised over the symmetry "
          "group. 'FSC0.5 same recon.': relion_reconstruct --ctf of all particles with that method's poses at 64 px against the "
          "true map (FSC = 0.5). 'own map': the method's own reconstruction (deepalign: reconstruct at its 32 px working box, "
          "Nyquist 20.3 Å; refine: refine/map.mrc at 64 px). Wall s: deepalign = init + label + train + predict + subset "
@@ -594,6 +609,8 @@ def main() -> int:
                          "e.g. ../shared/data/micrograph_noise/fei_extended_1.668A_1024.mrc")
     ap.add_argument("--images-per-region", type=int, default=None, help="train.images_per_region (default 1,024; 512 with --quick)")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default 4)")
+    ap.add_argument("--labelled-fraction", type=float, default=PRE_ALIGNED_FRACTION,
+                    help="pre-aligned (labelled) share of the particles (default 0.1; with --reuse-data a new subset is drawn)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
     args = ap.parse_args()
@@ -621,7 +638,7 @@ def main() -> int:
     meta = {
         "relion": relion_version[0] if relion_version else None,
         "quick": args.quick,
-        "sizes": {"n_particles": n, "box_px": BOX, "pixel_ang": PIXEL_ANG, "pre_aligned_fraction": PRE_ALIGNED_FRACTION},
+        "sizes": {"n_particles": n, "box_px": BOX, "pixel_ang": PIXEL_ANG, "pre_aligned_fraction": args.labelled_fraction},
         "settings": {"snr": args.snr, "noise": "white" if args.noise_micrograph is None else str(args.noise_micrograph),
                      "max_origin_px": MAX_ORIGIN_PX, "defocus_range_ang": DEFOCUS_RANGE_ANG,
                      "max_astigmatism_ang": MAX_ASTIGMATISM_ANG, **OPTICS, "region_spacing_deg": REGION_SPACING_DEG,
