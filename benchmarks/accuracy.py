@@ -22,8 +22,8 @@ Per case (C1, and C4 with a C4-symmetrised map):
    (top-2) → reconstruct the subset's map (the paper's reference) → align → reconstruct → report
    --truth; and ``align --exhaustive`` (whole asymmetric unit, no CNN) from the same reference;
    and ``refine`` of align's poses (defaults, Crowther diameter 300 Å; ``--skip-refine``: not).
-   ``--synthetic-per-region N``: train also learns from N examples per region made from the
-   subset's map (``train.synthetic_per_region``, issue 24).
+   ``--synthetic-fraction F``: that share of every training batch is made from the subset's map
+   (``train.synthetic_fraction``, issue 24).
    Settings (`DEEPALIGN_CONFIG`, written to WORKDIR/SYM/deepalign.yaml and stored in the JSON):
    30 Å target resolution (32 px working box, as the demo), 42 regions (C1) / 10 (C4) at 30°, the
    paper's per-region nets (``--model polar_trunk``: the polar trunk, same budget per region)
@@ -270,14 +270,14 @@ QUICK_TRAIN = {"images_per_region": 512}  # --quick: 4 steps per region and epoc
 
 
 def write_deepalign_config(path: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None,
-                           synthetic_per_region: int = 0, train_overrides: dict | None = None) -> dict:
+                           synthetic_fraction: float = 0.0, train_overrides: dict | None = None) -> dict:
     import yaml
 
     cfg = json.loads(json.dumps(DEEPALIGN_CONFIG))
     cfg["regions"]["symmetry"] = sym
     cfg["train"]["model"] = model
-    if synthetic_per_region:
-        cfg["train"]["synthetic_per_region"] = synthetic_per_region
+    if synthetic_fraction:
+        cfg["train"]["synthetic_fraction"] = synthetic_fraction
     if coverage is not None:
         cfg["predict"] = {"coverage": coverage}
     if quick:
@@ -299,9 +299,9 @@ def _whole_fraction(summary: dict) -> float | None:
 
 
 def run_deepalign(case_dir: Path, sym: str, quick: bool, model: str = "per_region", coverage: float | None = None,
-                  synthetic_per_region: int = 0, refine: bool = True, train_overrides: dict | None = None) -> dict:
+                  synthetic_fraction: float = 0.0, refine: bool = True, train_overrides: dict | None = None) -> dict:
     cfg_path = case_dir / "deepalign.yaml"
-    cfg = write_deepalign_config(cfg_path, sym, quick, model, coverage, synthetic_per_region, train_overrides)
+    cfg = write_deepalign_config(cfg_path, sym, quick, model, coverage, synthetic_fraction, train_overrides)
     p = case_dir / "da"
     if p.exists():
         shutil.rmtree(p)
@@ -486,10 +486,10 @@ def run_case(work: Path, sym: str, n: int, seed: int, args) -> dict:
     pose_sets: dict = {}
     own_maps: dict = {}
     if not args.skip_deepalign:
-        da = run_deepalign(case_dir, sym, args.quick, args.model, args.coverage, args.synthetic_per_region, not args.skip_refine,
+        da = run_deepalign(case_dir, sym, args.quick, args.model, args.coverage, args.synthetic_fraction, not args.skip_refine,
                            train_overrides(args))
         res["deepalign"] = {k: v for k, v in da.items() if k not in ("poses", "own_maps")} | {
-            "model": args.model, "coverage": args.coverage, "synthetic_per_region": args.synthetic_per_region}
+            "model": args.model, "coverage": args.coverage, "synthetic_fraction": args.synthetic_fraction}
         for m in da["poses"]:
             methods[m] = {"wall_s": da["wall_s"][m]}
             pose_sets[m], own_maps[m] = da["poses"][m], da["own_maps"][m]
@@ -547,8 +547,8 @@ def markdown(results: list[dict], relion_mode: str) -> str:
             label = LABELS[m] + (f" ({rl}, {res['relion'].get('iterations')} it.)" if m == "relion" else "")
             if m == "deepalign" and res.get("deepalign", {}).get("model", "per_region") != "per_region":
                 label = label.replace("CNN regions", f"{res['deepalign']['model']} regions")
-            if m == "deepalign" and res.get("deepalign", {}).get("synthetic_per_region"):
-                label = label.replace(" regions", f" regions + {res['deepalign']['synthetic_per_region']} synthetic examples per region", 1)
+            if m == "deepalign" and res.get("deepalign", {}).get("synthetic_fraction"):
+                label = label.replace(" regions", f" regions, {res['deepalign']['synthetic_fraction']:.0%} of training batches synthetic", 1)
             if m == "deepalign" and res.get("deepalign", {}).get("coverage") is not None:
                 label = label.replace("cumulative p 0.5", f"coverage {res['deepalign']['coverage']:g}")
             if m == "deepalign" and s.get("kept_hit_rate") is not None:
@@ -599,8 +599,8 @@ def main() -> int:
     ap.add_argument("--skip-refine", action="store_true", help="no align + refine row")
     ap.add_argument("--reuse-relion", type=Path, default=None, metavar="JSON",
                     help="take RELION's finished runs in WORKDIR/SYM/relion (with --reuse-data), as this earlier result JSON recorded them")
-    ap.add_argument("--synthetic-per-region", type=int, default=0,
-                    help="train.synthetic_per_region: examples made from the subset's map per region (issue 24)")
+    ap.add_argument("--synthetic-fraction", type=float, default=0.0,
+                    help="train.synthetic_fraction: share of every training batch made from the subset's map (issue 24)")
     ap.add_argument("--coverage", type=float, default=None,
                     help="predict --coverage C (calibrated on the held-out labelled particles) instead of cumulative p 0.5")
     ap.add_argument("--snr", type=float, default=SNR, help="var(signal) / var(noise) of the particles")
@@ -646,7 +646,7 @@ def main() -> int:
                      "relion_mode": args.relion_mode, "relion_iter": args.relion_iter if args.relion_mode == "global" else None,
                      "relion_healpix_order": args.relion_healpix, "fsc_threshold": FSC_THRESHOLD, "deepalign_config": DEEPALIGN_CONFIG, "deepalign_model": args.model,
                      "quick_train_override": QUICK_TRAIN if args.quick else None, "seed": args.seed,
-                     "synthetic_per_region": args.synthetic_per_region, "refine": not args.skip_refine,
+                     "synthetic_fraction": args.synthetic_fraction, "refine": not args.skip_refine,
                      "train_overrides": train_overrides(args)},
         "total_s": time.perf_counter() - t0,
         "workdir": str(work),

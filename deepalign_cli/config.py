@@ -91,9 +91,10 @@ class TrainConfig(_Stage):
     region_parallel: Literal["auto", "loop", "vmap"] = Field(
         "auto", description="regions one after another (loop, fastest on one CPU or GPU) or vmapped together; auto: loop on one device, vmap over several GPUs"
     )
-    synthetic_per_region: int = Field(0, ge=0, description="synthetic examples per region made from the reference (projections with "
-                                      "the data's CTFs, shifts and noise spectrum; core/synthetic.py) added to the training part; "
-                                      "0: labelled particles only")
+    synthetic_fraction: float | None = Field(None, ge=0.0, le=1.0, description="share of every training batch made on the fly from "
+                                             "the reference: projections at random poses with the data's CTFs, shifts and noise spectrum "
+                                             "(core/synthetic.py), new ones every step; 0: labelled particles only; null: the model's "
+                                             "default (core/models.py: polar_trunk 0.9, per_region 0)")
     synthetic_snr: float | None = Field(None, gt=0, description="SNR of the synthetic examples; default: measured on the labelled "
                                         "particles against the reference")
     seed: int = 0

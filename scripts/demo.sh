@@ -10,9 +10,9 @@ rm -rf "$P"
 start=$(date +%s)
 $DA simulate "$P" --config $CFG                                  # particles + truth + 10 % pre-aligned subset
 $DA label "$P" --subset "$P/simulated/subset.star" --config $CFG  # region of every pre-aligned particle
-$DA train "$P" --config $CFG                                      # one classifier per region
-$DA predict "$P" --config $CFG                                    # top-2 regions of every particle
 $DA reconstruct "$P" --from "$P/label/labels.star" --out reference --config $CFG   # the paper's reference: the subset's map
+$DA train "$P" --config $CFG                                      # region classifier (+ examples made from the reference)
+$DA predict "$P" --config $CFG                                    # likely regions of every particle
 $DA align "$P" --config $CFG                                      # correlation search inside the top-2 regions
 $DA reconstruct "$P" --config $CFG                                # map + half-map FSC of the aligned particles
 $DA refine "$P" --config $CFG                                     # gold-standard local refinement up to the full 64-px box

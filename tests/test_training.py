@@ -280,11 +280,11 @@ def test_pre_batched_epoch_equals_making_each_batch_alone():
     opt = optax.adam(1e-3).init(v["params"])
     images = jax.random.normal(jax.random.key(1), (40, box, box))
     pos, neg = jnp.arange(10, dtype=jnp.int32), jnp.arange(10, 40, dtype=jnp.int32)
-    data = (images, pos, jnp.int32(10), neg, jnp.int32(30))
+    data = (images, pos, jnp.int32(10), neg, jnp.int32(30), None, jnp.int32(0))  # no synthetic generator, region 0
     epoch, _ = training._region_epoch_fn(model, 1e-3, n_steps, batch, 1.0)
     grouped = training._pre_batched_epoch(jax.jit(training._region_update_body(model, 1e-3)),
                                           jax.jit(jax.vmap(partial(training._region_batch, batch_size=batch, max_shift_px=1.0),
-                                                           in_axes=(None,) * 5 + (0,))), n_steps, batch, 2)
+                                                           in_axes=(None,) * 7 + (0,))), n_steps, batch, 2)
     make_one = jax.jit(partial(training._region_batch, batch_size=batch, max_shift_px=1.0))
     ref = _stepwise_reference(jax.jit(training._region_update_body(model, 1e-3)), make_one, v["params"], v["batch_stats"], opt,
                               data, jax.random.key(2), n_steps)
@@ -303,7 +303,7 @@ def test_trunk_pre_batched_epoch_equals_making_each_batch_alone():
     images = jax.random.normal(jax.random.key(1), (30, box, box))
     labels = jnp.arange(30, dtype=jnp.int32) % heads
     members = jnp.stack([jnp.flatnonzero(labels == h, size=10) for h in range(heads)]).astype(jnp.int32)
-    data = (images, members, jnp.full(heads, 10, jnp.int32), labels, jnp.arange(heads, dtype=jnp.int32))
+    data = (images, members, jnp.full(heads, 10, jnp.int32), labels, jnp.arange(heads, dtype=jnp.int32), None)
     make_one = jax.jit(partial(training._trunk_batch, batch_size=batch, max_shift_px=1.0))
     ref = _stepwise_reference(jax.jit(training._trunk_update_body(model, 1e-3)), make_one, v["params"], v["batch_stats"], opt,
                               data, jax.random.key(2), n_steps)

@@ -5,15 +5,16 @@ Examples:
     deepalign train demo --config configs/demo.yaml
     deepalign train ribo --config configs/ribosome.yaml --regions 0-9      # one SLURM shard
     deepalign train ribo --config configs/ribosome.yaml --resume           # after an interruption
-    deepalign train ribo --synthetic-per-region 200                        # + examples made from the reference
+    deepalign train ribo --model polar_trunk --synthetic-fraction 0.9      # + examples made from the reference
 
 Images are the labelled particles prepared like every stage (Fourier crop to target/3 Å per pixel,
 background normalisation). Every region trains in the same run on balanced batches with random
 in-plane rotations and shifts; a validation split drives early stopping and the best epoch is kept.
-With train.synthetic_per_region N > 0, N examples per region made from the reference (align's:
---reference, else PROJECT/reconstruct/reference/map.mrc, else the labelled subset's map) with real
-particles' CTFs, the data's shift range and noise spectrum at the measured SNR (core/synthetic.py)
-join the training part; validation and predict's --coverage calibration stay on real particles.
+With train.synthetic_fraction f > 0, that share of every training batch is made on the fly, inside
+the jitted batch maker, from the reference (align's: --reference, else
+PROJECT/reconstruct/reference/map.mrc, else the labelled subset's map) with real particles' CTFs, the
+data's shift range and noise spectrum at the measured SNR (core/synthetic.py): new examples every
+step, none kept in memory. Validation and predict's --coverage calibration stay on real particles.
 Writes PROJECT/train/region_XXX.msgpack (one self-contained checkpoint per region),
 metrics.json, metrics.csv and curves.png; `--regions` trains a subset (shards can run in parallel
 and the last one to finish writes the metrics and marks the stage done).
@@ -60,8 +61,8 @@ def command(
     images_per_region: int = typer.Option(None, "--images-per-region", show_default=False),
     model: str = typer.Option(None, "--model", help="per_region (paper) or polar_trunk", show_default=False),
     seed: int = typer.Option(None, "--seed", show_default=False),
-    synthetic_per_region: int = typer.Option(None, "--synthetic-per-region", min=0, help="add this many synthetic examples per region "
-                                             "made from the reference (train.synthetic_per_region)", show_default=False),
+    synthetic_fraction: float = typer.Option(None, "--synthetic-fraction", min=0.0, max=1.0, help="share of every batch made on the fly "
+                                             "from the reference (train.synthetic_fraction)", show_default=False),
     reference: Path = typer.Option(None, "--reference", "-r", help="map for the synthetic examples (default: align's reference)",
                                    show_default=False),
     resume: bool = typer.Option(False, "--resume", help="continue from the last finished epoch of each region"),
@@ -71,14 +72,14 @@ def command(
 ) -> None:
     """Train one CNN per region on the labelled subset."""
     with exit_on_interrupt():
-        _train(project, regions, epochs, images_per_region, model, seed, synthetic_per_region, reference, resume, merge, config, force)
+        _train(project, regions, epochs, images_per_region, model, seed, synthetic_fraction, reference, resume, merge, config, force)
 
 
-def _train(project, regions, epochs, images_per_region, model, seed, synthetic_per_region, reference, resume, merge, config, force) -> None:
+def _train(project, regions, epochs, images_per_region, model, seed, synthetic_fraction, reference, resume, merge, config, force) -> None:
     from ..core import models, training
 
     cfg, tc = stage_config(config, "train", epochs=epochs, images_per_region=images_per_region, model=model, seed=seed,
-                           synthetic_per_region=synthetic_per_region)
+                           synthetic_fraction=synthetic_fraction)
     proj = Project.open(project)
     proj.require_done("label")
     n_regions = proj.n_regions()
@@ -94,9 +95,9 @@ def _train(project, regions, epochs, images_per_region, model, seed, synthetic_p
     labels_path, src, y = load_labels(proj, cfg, n_regions)
     with Timer() as t_load:
         images = src.read(np.arange(len(src)))
-        synthetic, syn_info = None, None
-        if tc.synthetic_per_region:
-            synthetic, syn_info = synthetic_set(proj, cfg, tc, src, images, n_regions, reference, config)
+        generator, syn_info = None, None
+        if models.synthetic_fraction(tc):
+            generator, syn_info = synthetic_generator(proj, cfg, tc, src, images, n_regions, reference, config)
     digest = settings_digest(tc, cfg.preprocess, hashlib.sha256(labels_path.read_bytes()).digest(),
                              None if syn_info is None else syn_info["digest"])
     resume_state = {}
@@ -107,7 +108,7 @@ def _train(project, regions, epochs, images_per_region, model, seed, synthetic_p
         ckpt.write_entry(ckpt.resume_file(train_dir, unit), {**state, SETTINGS_KEY: digest})
 
     with Timer() as t:
-        results = train_with_progress(images, y, todo, tc, src.box, resume_state, save_resume, synthetic)
+        results = train_with_progress(images, y, todo, tc, src.box, resume_state, save_resume, generator)
     for r, entry in results.items():
         ckpt.write_entry(ckpt.region_file(train_dir, r), {**entry, "region": int(r), "box": src.box, "pixel_ang": src.pixel_ang, SETTINGS_KEY: digest})
     shards = record_shard(proj, format_regions(requested))
@@ -138,7 +139,7 @@ def load_labels(proj: Project, cfg, n_regions: int) -> tuple[Path, ParticleSourc
 
 
 def train_with_progress(images: np.ndarray, y: np.ndarray, todo: list[int], tc, box: int, resume_state: dict, save_resume,
-                        synthetic: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                        generator=None) -> dict:
     """`core.training.train_regions` with a progress bar over region-epochs (augmented images
     per second and the latest validation accuracy)."""
     import jax
@@ -163,20 +164,18 @@ def train_with_progress(images: np.ndarray, y: np.ndarray, todo: list[int], tc, 
                 bar.advance(task, width * (tc.epochs - 1 - ev["epoch"]))
 
         return training.train_regions(images, y, todo, tc, jax.random.key(tc.seed), progress=on_event,
-                                      resume_state=resume_state or None, checkpoint_cb=save_resume, synthetic=synthetic)
+                                      resume_state=resume_state or None, checkpoint_cb=save_resume, generator=generator)
 
 
 NOISE_SAMPLE = 1000  # project particles whose mean radial power spectrum is the synthetic noise's
 
 
-def synthetic_set(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarray, n_regions: int, reference: Path | None,
-                  config_path: Path | None) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
-    """tc.synthetic_per_region × n_regions synthetic examples (core/synthetic.py) at the labelled
-    particles' working box: the reference align would use, the project's particles' CTFs and
-    radial power spectrum, the labelled particles' shift range and SNR (measured, or train.synthetic_snr).
-    Returns ((images, labels), info for project.yaml and the resume digest)."""
-    import jax
-
+def synthetic_generator(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarray, n_regions: int, reference: Path | None,
+                        config_path: Path | None):
+    """The `core.synthetic.Generator` of train.synthetic_fraction at the labelled particles' working
+    box: the reference align would use, the project's particles' CTFs and radial power spectrum,
+    the labelled particles' shift range and SNR (measured, or train.synthetic_snr).
+    Returns (generator, info for project.yaml and the resume digest)."""
     from ..core import projector, synthetic
     from ..core.score import particle_ctfs
     from ._reconstruction import load_reference, project_regions
@@ -201,18 +200,18 @@ def synthetic_set(proj: Project, cfg, tc, src: ParticleSource, images: np.ndarra
         ctfs = None if lab_ctf is None else np.asarray(particle_ctfs(lab_ctf, np.arange(len(src)), src.box, src.pixel_ang))
         snr, how = synthetic.estimate_snr(images, vol_ft, eulers, origins_px, ctfs), "measured on the labelled particles"
     max_shift = float(np.percentile(np.abs(origins_px), 95)) if len(origins_px) else 0.0
-    n = tc.synthetic_per_region * n_regions
-    with Timer() as t:
-        out = synthetic.synthetic_examples(jax.random.fold_in(jax.random.key(tc.seed), 7), vol_ft, n, centres, ops,
-                                           pixel_ang=src.pixel_ang, ctf_rows=synthetic.ctf_table(ctf_all, len(project_src)),
-                                           noise_power=power, snr=snr, max_shift_px=max_shift, bg_radius_frac=cfg.preprocess.bg_radius_frac)
-    console.print(f"synthetic examples: {n} ({tc.synthetic_per_region} per region) from {ref_desc}, SNR {snr:.3g} ({how}), "
-                  f"shifts ≤ {max_shift:.1f} px, noise spectrum of {len(rows)} particles, in {t.seconds:.1f} s")
-    info = {"n": n, "reference": ref_desc, "snr": round(snr, 5), "snr_from": how, "max_shift_px": round(max_shift, 3),
-            "noise_particles": int(len(rows)), "seconds": round(t.seconds, 2),
+    gen = synthetic.generator(vol_ft, centres, ops, pixel_ang=src.pixel_ang, ctf_rows=synthetic.ctf_table(ctf_all, len(project_src)),
+                              noise_power=power, snr=snr, max_shift_px=max_shift, bg_radius_frac=cfg.preprocess.bg_radius_frac)
+    from ..core import models
+
+    share = f"{models.synthetic_fraction(tc):.0%}"
+    console.print(f"synthetic examples: {share} of every batch, made on the fly from {ref_desc}, SNR {snr:.3g} ({how}), "
+                  f"shifts ≤ {max_shift:.1f} px, noise spectrum of {len(rows)} particles")
+    info = {"fraction": models.synthetic_fraction(tc), "reference": ref_desc, "snr": round(snr, 5), "snr_from": how,
+            "max_shift_px": round(max_shift, 3), "noise_particles": int(len(rows)),
             "digest": settings_digest(round(snr, 6), round(max_shift, 6), [round(float(v), 6) for v in power], ref_desc,
                                       float(np.asarray(vol, float).sum()))}
-    return (out["images"], out["labels"]), info
+    return gen, info
 
 
 def record_shard(proj: Project, spec: str) -> list[str]:

@@ -52,7 +52,7 @@ import optax
 
 from ..errors import DeepAlignError
 from . import augment as augment_mod
-from . import cnn, devices, inference, models, polar
+from . import cnn, devices, inference, models, polar, synthetic
 from .split import split_train_val
 
 TRUNK = "trunk"  # the training unit (resume state, RNG stream) of a one-net model: all its regions
@@ -193,11 +193,18 @@ def _apply_train(model, params, batch_stats, x, key):
     return logits, upd.get("batch_stats", batch_stats)
 
 
-def _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, k, batch_size: int, max_shift_px: float):
-    """A step's balanced, augmented batch and its dropout key, from the step key k."""
+def _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, gen, region, k, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
+    """A step's balanced, augmented batch and its dropout key, from the step key k. With
+    n_synthetic > 0, that many of the batch's images are new synthetic particles of which half
+    look from within the cap of the net's region (`synthetic.generate`; unaugmented: their
+    poses and shifts are already random), target 1 where their direction is in the region."""
     k_batch, k_aug, k_drop = jax.random.split(k, 3)
-    idx, y = balanced_batch(k_batch, pos_idx, n_pos, neg_idx, n_neg, batch_size)
-    return augment_mod.augment(k_aug, images[idx], max_shift_px), y, k_drop
+    idx, y = balanced_batch(k_batch, pos_idx, n_pos, neg_idx, n_neg, batch_size - n_synthetic)
+    x = augment_mod.augment(k_aug, images[idx], max_shift_px)
+    if n_synthetic:
+        syn, syn_lab, _ = synthetic.generate(jax.random.fold_in(k, 1), gen, n_synthetic, region)
+        x, y = jnp.concatenate([x, syn]), jnp.concatenate([y, (syn_lab == region).astype(jnp.float32)])
+    return x, y, k_drop
 
 
 def _region_update_body(model: nn.Module, lr: float):
@@ -217,12 +224,12 @@ def _region_update_body(model: nn.Module, lr: float):
     return update
 
 
-def _region_step_body(model: nn.Module, lr: float, batch_size: int, max_shift_px: float):
+def _region_step_body(model: nn.Module, lr: float, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
     """One Adam step of one per-region net on a balanced, augmented batch (not jitted)."""
     update = _region_update_body(model, lr)
 
-    def step(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, k):
-        x, y, k_drop = _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, k, batch_size, max_shift_px)
+    def step(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, gen, region, k):
+        x, y, k_drop = _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, gen, region, k, batch_size, max_shift_px, n_synthetic)
         return update(params, batch_stats, opt_state, x, y, k_drop)
 
     return step
@@ -297,51 +304,58 @@ def _stepwise_epoch(step, n_steps: int, stacked: bool = False):
     return epoch
 
 
-_EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, 0)  # vmap over regions; the image set is shared
+_EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, None, 0, 0)  # vmap over regions; the image set and generator are shared
 
 
 @lru_cache(maxsize=32)
-def _region_epoch_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
+def _region_epoch_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
     """One epoch of one per-region net and of R stacked nets (vmapped over regions), both with
     their batches made ahead (`_pre_batched_epoch`)."""
-    batch = partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px)
+    batch = partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px, n_synthetic=n_synthetic)
     update = _region_update_body(model, lr)
-    one = _pre_batched_epoch(jax.jit(update), jax.jit(jax.vmap(batch, in_axes=(None,) * 5 + (0,))), n_steps, batch_size)
-    # stacked: regions (axis 0 of the index arrays and keys) inside, steps (keys' axis 1) outside
-    make_many = jax.vmap(jax.vmap(batch, in_axes=(None, 0, 0, 0, 0, 0)), in_axes=(None,) * 5 + (1,))
+    one = _pre_batched_epoch(jax.jit(update), jax.jit(jax.vmap(batch, in_axes=(None,) * 7 + (0,))), n_steps, batch_size)
+    # stacked: regions (axis 0 of the index arrays, region ids and keys) inside, steps (keys' axis 1) outside
+    make_many = jax.vmap(jax.vmap(batch, in_axes=(None, 0, 0, 0, 0, None, 0, 0)), in_axes=(None,) * 7 + (1,))
     many = _pre_batched_epoch(jax.jit(jax.vmap(update)), jax.jit(make_many), n_steps, batch_size, stacked=True)
     return one, many
 
 
 @lru_cache(maxsize=32)
-def _region_epoch_sharded_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, max_shift_px: float, mesh):
+def _region_epoch_sharded_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, max_shift_px: float, mesh, n_synthetic: int = 0):
     """The vmapped epoch with the region axis split over ``mesh`` ("regions"): every device runs
-    the vmapped step on its slice of regions (``shard_map``); the images are replicated."""
-    step = jax.vmap(_region_step_body(model, lr, batch_size, max_shift_px), in_axes=_EPOCH_IN_AXES)
+    the vmapped step on its slice of regions (``shard_map``); the images and generator are replicated."""
+    step = jax.vmap(_region_step_body(model, lr, batch_size, max_shift_px, n_synthetic), in_axes=_EPOCH_IN_AXES)
     ax, rep = devices.P(devices.REGION_AXIS), devices.P()
-    return _stepwise_epoch(jax.jit(devices.shard_map(step, mesh, in_specs=(ax, ax, ax, rep, ax, ax, ax, ax, ax), out_specs=ax)),
+    return _stepwise_epoch(jax.jit(devices.shard_map(step, mesh, in_specs=(ax, ax, ax, rep, ax, ax, ax, ax, rep, ax, ax), out_specs=ax)),
                            n_steps, stacked=True)
 
 
 @lru_cache(maxsize=32)
-def _trunk_epoch_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, max_shift_px: float):
+def _trunk_epoch_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
     """One epoch of a one-net model (the polar trunk): batches stratified over labels, made ahead
     in groups of steps as for the per-region nets (`_pre_batched_epoch`), then one jitted update
     per step; loss = mean over heads of the balanced BCE. Returns per-head (H,) train loss/acc."""
-    make = jax.vmap(partial(_trunk_batch, batch_size=batch_size, max_shift_px=max_shift_px), in_axes=(None,) * 5 + (0,))
+    make = jax.vmap(partial(_trunk_batch, batch_size=batch_size, max_shift_px=max_shift_px, n_synthetic=n_synthetic),
+                    in_axes=(None,) * 6 + (0,))
     return _pre_batched_epoch(jax.jit(_trunk_update_body(model, lr)), jax.jit(make), n_steps, batch_size)
 
 
-def _trunk_batch(images, members, counts, img_labels, head_regions, k, batch_size: int, max_shift_px: float):
+def _trunk_batch(images, members, counts, img_labels, head_regions, gen, k, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
     """A trunk step's batch (labels drawn uniformly, then a member of each), augmented and sampled
     on the polar grid in one interpolation (`polar.polar_augment`), its (B, H) targets and dropout
-    key, from the step key k."""
+    key, from the step key k. With n_synthetic > 0, that many of the batch's images are new
+    synthetic particles (`synthetic.generate` with `gen`; their poses and shifts are already random,
+    so they are sampled on the polar grid unaugmented)."""
     n_labels = members.shape[0]
+    n_real = batch_size - n_synthetic
     k_lab, k_img, k_aug, k_drop = jax.random.split(k, 4)
-    lab = jax.random.randint(k_lab, (batch_size,), 0, n_labels)
-    idx = members[lab, jax.random.randint(k_img, (batch_size,), 0, counts[lab])]
-    y = (img_labels[idx][:, None] == head_regions[None, :]).astype(jnp.float32)
-    return polar.polar_augment(k_aug, images[idx], max_shift_px), y, k_drop
+    lab = jax.random.randint(k_lab, (n_real,), 0, n_labels)
+    idx = members[lab, jax.random.randint(k_img, (n_real,), 0, counts[lab])]
+    x, y_lab = polar.polar_augment(k_aug, images[idx], max_shift_px), img_labels[idx]
+    if n_synthetic:
+        syn, syn_lab, _ = synthetic.generate(jax.random.fold_in(k, 1), gen, n_synthetic)
+        x, y_lab = jnp.concatenate([x, polar.to_polar(syn)]), jnp.concatenate([y_lab, syn_lab])
+    return x, (y_lab[:, None] == head_regions[None, :]).astype(jnp.float32), k_drop
 
 
 def _trunk_update_body(model: nn.Module, lr: float):
@@ -434,7 +448,7 @@ def end_epoch(state: RegionState, epoch: int, train_loss, train_acc, per_head_va
 def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.Array,
                   progress: Callable[[dict], None] | None = None, resume_state: dict | None = None,
                   checkpoint_cb: Callable[[int | str, int, dict], None] | None = None,
-                  synthetic: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                  generator: synthetic.Generator | None = None) -> dict:
     """Train the classifiers of `region_ids` together.
 
     images: (n, N, N) float32, normalised (numpy or memmap).  labels: (n,) int region of every
@@ -449,9 +463,9 @@ def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.
       best variables, the optimiser state and the history.
     resume_state: {unit: state dict} as passed to checkpoint_cb, possibly round-tripped through
       the checkpoint bytes; training continues after its last epoch.
-    synthetic: None, or (images (m, N, N), labels (m,)) made from the reference
-      (``core.synthetic``): added to the training part only, never to the validation part, so early
-      stopping and `predict --coverage` see real particles alone.
+    generator: None, or the `synthetic.Generator` of the reference: ``cfg.synthetic_fraction`` of
+      every training batch is then new synthetic particles made inside the jitted batch maker; the
+      validation part (early stopping, `predict --coverage`'s calibration) stays real particles alone.
     Returns {region: {"params", "batch_stats", "history": [{epoch, train_loss, train_acc, val_loss,
       val_acc}], "best_epoch", "arch", "head", "warning"}} — the best-epoch variables; a skipped
       region has params None and a warning string.
@@ -463,11 +477,8 @@ def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.
     if labels.shape != (images.shape[0],):
         raise DeepAlignError(f"training labels: {labels.shape[0]} labels for {images.shape[0]} images")
     split = split_train_val(key, labels, cfg.validation_fraction)
-    train_images, train_labels = np.asarray(images[split.train], np.float32), labels[split.train]
-    if synthetic is not None:
-        train_images = np.concatenate([train_images, np.asarray(synthetic[0], np.float32)])
-        train_labels = np.concatenate([train_labels, np.asarray(synthetic[1]).astype(np.int64)])
-    data = TrainData(jnp.asarray(train_images), train_labels, np.asarray(images[split.val], np.float32), labels[split.val])
+    data = TrainData(jnp.asarray(np.asarray(images[split.train], np.float32)), labels[split.train], np.asarray(images[split.val], np.float32),
+                     labels[split.val])
     hooks = Hooks(progress, checkpoint_cb, resume_state or {})
 
     results: dict[int, dict] = {}
@@ -488,7 +499,7 @@ def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.
     arch = models.architecture(cfg, data.box, len(active))
     model = models.build(arch, cfg.conv_impl)
     train = _train_trunk if models.get(cfg.model).one_net else _train_per_region
-    results.update(train(data, active, cfg, key, model, arch, hooks))
+    results.update(train(data, active, cfg, key, model, arch, hooks, generator))
     return results
 
 
@@ -500,11 +511,17 @@ def _report(hooks: Hooks, unit: int | str, regions: list[int], state: RegionStat
                         "images": n_images, "seconds": time.perf_counter() - t0, "stopped": state.stopped})
 
 
-def _train_per_region(data: TrainData, regions: list[int], cfg, key, model: nn.Module, arch: dict, hooks: Hooks) -> dict:
+def _n_synthetic(cfg, gen) -> int:
+    """Synthetic images per batch: train.synthetic_fraction of it when there is a generator."""
+    return 0 if gen is None else int(round(models.synthetic_fraction(cfg) * cfg.batch_size))
+
+
+def _train_per_region(data: TrainData, regions: list[int], cfg, key, model: nn.Module, arch: dict, hooks: Hooks, gen=None) -> dict:
     tx = optax.adam(cfg.learning_rate)
     n_steps = math.ceil(cfg.images_per_region / cfg.batch_size)
     max_shift_px = float(cfg.max_shift_frac * data.box)
-    epoch_one, epoch_many = _region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px)
+    n_syn = _n_synthetic(cfg, gen)
+    epoch_one, epoch_many = _region_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px, n_syn)
     logits_fn = inference.logits_fn(model)
     n_train = data.y_train.size
 
@@ -514,25 +531,27 @@ def _train_per_region(data: TrainData, regions: list[int], cfg, key, model: nn.M
         state = RegionState.fresh(variables, tx)
         states[r] = state.restored(hooks.resume[r]) if r in hooks.resume else state
         pos, neg = np.flatnonzero(data.y_train == r), np.flatnonzero(data.y_train != r)
-        index[r] = (jnp.asarray(_padded(pos, n_train)), jnp.int32(pos.size), jnp.asarray(_padded(neg, n_train)), jnp.int32(neg.size))
+        index[r] = (jnp.asarray(_padded(pos, n_train)), jnp.int32(pos.size), jnp.asarray(_padded(neg, n_train)), jnp.int32(neg.size),
+                    jnp.int32(r))
 
     use_vmap = _use_vmap(cfg)
     mesh = devices.region_mesh() if use_vmap else None  # None on one device: unchanged path
-    epoch_sharded = (_region_epoch_sharded_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px, mesh)
+    epoch_sharded = (_region_epoch_sharded_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, max_shift_px, mesh, n_syn)
                      if mesh is not None else None)
     for epoch in range(min(states[r].epoch for r in regions) + 1, cfg.epochs):
         todo = [r for r in regions if not states[r].stopped and states[r].epoch < epoch]
         if not todo:
             break
-        outs = _vmapped_epochs(todo, states, index, data, key, epoch, cfg, model, mesh, epoch_many, epoch_sharded) if use_vmap else {}
+        outs = _vmapped_epochs(todo, states, index, data, gen, key, epoch, cfg, model, mesh, epoch_many, epoch_sharded) if use_vmap else {}
         for r in todo:
             t0 = time.perf_counter()
             if use_vmap:
                 params, bstats, opt_state, tl, ta = outs[r]
             else:
                 s = states[r]
-                params, bstats, opt_state, tl, ta = epoch_one(s.params, s.batch_stats, s.opt_state, data.train_images, *index[r],
-                                                              _epoch_key(key, r, epoch))
+                pos, n_pos, neg, n_neg, region = index[r]
+                params, bstats, opt_state, tl, ta = epoch_one(s.params, s.batch_stats, s.opt_state, data.train_images, pos, n_pos, neg,
+                                                              n_neg, gen, region, _epoch_key(key, r, epoch))
                 tl = float(tl)  # waits for the epoch, so "seconds" is its duration
             state = states[r].replace(params=params, batch_stats=bstats, opt_state=opt_state)
             val_logits = inference.chunked_logits(logits_fn, {"params": params, "batch_stats": bstats}, data.val_images, _EVAL_CHUNK)
@@ -541,7 +560,7 @@ def _train_per_region(data: TrainData, regions: list[int], cfg, key, model: nn.M
     return {r: s.result(arch, 0) for r, s in states.items()}
 
 
-def _vmapped_epochs(todo, states, index, data: TrainData, key, epoch: int, cfg, model, mesh, epoch_many, epoch_sharded) -> dict:
+def _vmapped_epochs(todo, states, index, data: TrainData, gen, key, epoch: int, cfg, model, mesh, epoch_many, epoch_sharded) -> dict:
     """One epoch of the regions `todo`, vmapped in groups that fit the device(s) (`vmap_region_groups`),
     the stacked region axis split over `mesh` when there is one. Returns {region: (params,
     batch_stats, opt_state, train loss, train acc)}."""
@@ -551,12 +570,14 @@ def _vmapped_epochs(todo, states, index, data: TrainData, key, epoch: int, cfg, 
         members = group if mesh is None else group + [group[0]] * (devices.pad_to_multiple(len(group), devices.mesh_size(mesh)) - len(group))
         place = (lambda t: t) if mesh is None else (lambda t: devices.shard_leading(t, mesh, devices.REGION_AXIS))
         stack = lambda name: place(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[getattr(states[r], name) for r in members]))  # noqa: E731
-        args = [place(jnp.stack([index[r][i] for r in members])) for i in range(4)]
+        pos, n_pos, neg, n_neg, region = [place(jnp.stack([index[r][i] for r in members])) for i in range(5)]
         keys = place(jnp.stack([_epoch_key(key, r, epoch) for r in members]))
         if mesh is None:
-            out = epoch_many(stack("params"), stack("batch_stats"), stack("opt_state"), data.train_images, *args, keys)
+            out = epoch_many(stack("params"), stack("batch_stats"), stack("opt_state"), data.train_images, pos, n_pos, neg, n_neg, gen,
+                             region, keys)
         else:
-            out = epoch_sharded(stack("params"), stack("batch_stats"), stack("opt_state"), devices.replicate(data.train_images, mesh), *args, keys)
+            out = epoch_sharded(stack("params"), stack("batch_stats"), stack("opt_state"), devices.replicate(data.train_images, mesh),
+                                pos, n_pos, neg, n_neg, devices.replicate(gen, mesh), region, keys)
             # gathered to the host and back onto the default device, uncommitted like the
             # single-device results (per-region arrays of different devices could not be stacked)
             out = jax.tree_util.tree_map(jnp.asarray, jax.device_get(out))
@@ -564,11 +585,12 @@ def _vmapped_epochs(todo, states, index, data: TrainData, key, epoch: int, cfg, 
     return outs
 
 
-def _train_trunk(data: TrainData, regions: list[int], cfg, key, model: nn.Module, arch: dict, hooks: Hooks) -> dict:
+def _train_trunk(data: TrainData, regions: list[int], cfg, key, model: nn.Module, arch: dict, hooks: Hooks, gen=None) -> dict:
     tx = optax.adam(cfg.learning_rate)
     present = np.unique(data.y_train)
     n_steps = math.ceil(cfg.images_per_region * present.size / (2 * cfg.batch_size))
-    epoch_fn = _trunk_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, float(cfg.max_shift_frac * data.box))
+    n_syn = _n_synthetic(cfg, gen)
+    epoch_fn = _trunk_epoch_fn(model, float(cfg.learning_rate), n_steps, cfg.batch_size, float(cfg.max_shift_frac * data.box), n_syn)
     logits_fn = inference.logits_fn(model)
     groups = [np.flatnonzero(data.y_train == lab) for lab in present]
     members = jnp.asarray(np.stack([_padded(g, max(x.size for x in groups)) for g in groups]))
@@ -584,7 +606,7 @@ def _train_trunk(data: TrainData, regions: list[int], cfg, key, model: nn.Module
             break
         t0 = time.perf_counter()
         params, bstats, opt_state, tl, ta = epoch_fn(state.params, state.batch_stats, state.opt_state, data.train_images,
-                                                     members, counts, y_train, heads, _epoch_key(key, TRUNK, epoch))
+                                                     members, counts, y_train, heads, gen, _epoch_key(key, TRUNK, epoch))
         state = state.replace(params=params, batch_stats=bstats, opt_state=opt_state)
         val_logits = inference.chunked_logits(logits_fn, {"params": params, "batch_stats": bstats}, data.val_images, _EVAL_CHUNK)
         per_head = head_validation(val_logits.reshape(-1, len(regions)), data.y_val, regions)
