@@ -186,6 +186,24 @@ def test_synthetic_examples_train_only_never_validate(monkeypatch, vol_ft):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_with_synthetic_examples_the_trunk_trains_regions_without_labelled_particles(monkeypatch, vol_ft):
+    """Region 5 has no labelled particle: skipped (a warning) on the labels alone, trained with a
+    generator (which makes its positives); the per-region nets still need real positives."""
+    from deepalign_cli.config import TrainConfig
+    from deepalign_cli.core import training
+
+    monkeypatch.setattr(training, "_train_trunk", lambda data, active, *a: {r: {"params": "trained"} for r in active})
+    monkeypatch.setattr(training, "_train_per_region", lambda data, active, *a: {r: {"params": "trained"} for r in active})
+    images = np.random.default_rng(0).normal(size=(60, BOX, BOX)).astype(np.float32)
+    labels = np.repeat([0, 1, 2, 3, 4, 6], 10)
+    gen, _, _ = _generator(vol_ft)
+    trunk = TrainConfig(model="polar_trunk", synthetic_fraction=0.9)
+    assert training.train_regions(images, labels, range(7), trunk, jax.random.key(0), generator=gen)[5]["params"] == "trained"
+    assert training.train_regions(images, labels, range(7), trunk, jax.random.key(0))[5]["params"] is None
+    nets = TrainConfig(model="per_region", synthetic_fraction=0.9)
+    assert training.train_regions(images, labels, range(7), nets, jax.random.key(0), generator=gen)[5]["params"] is None
+
+
 def test_a_trunk_batch_holds_new_synthetic_examples_every_step(vol_ft):
     """n_synthetic of the batch are made by the generator: their one-hot targets are their regions,
     and another step key makes other images (new examples every step, nothing stored)."""

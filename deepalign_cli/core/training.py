@@ -466,6 +466,7 @@ def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.
     generator: None, or the `synthetic.Generator` of the reference: ``cfg.synthetic_fraction`` of
       every training batch is then new synthetic particles made inside the jitted batch maker; the
       validation part (early stopping, `predict --coverage`'s calibration) stays real particles alone.
+      A one-net model then trains every region, also those with fewer than min_positives labelled.
     Returns {region: {"params", "batch_stats", "history": [{epoch, train_loss, train_acc, val_loss,
       val_acc}], "best_epoch", "arch", "head", "warning"}} — the best-epoch variables; a skipped
       region has params None and a warning string.
@@ -483,10 +484,13 @@ def train_regions(images, labels, region_ids: Sequence[int], cfg: Any, key: jax.
 
     results: dict[int, dict] = {}
     active = []
+    # with synthetic examples a one-net model's head learns a region that has no labelled particles
+    # (the generator makes its positives); a per-region net's balanced batches need real positives
+    need = 0 if models.get(cfg.model).one_net and _n_synthetic(cfg, generator) else max(1, cfg.min_positives)
     for r in sorted(int(r) for r in region_ids):
         n_pos = int((data.y_train == r).sum())
         n_neg = int(data.y_train.size - n_pos)
-        if n_pos < max(1, cfg.min_positives) or n_neg == 0:
+        if n_pos < need or n_neg == 0:
             why = f"{n_pos} training particles" if n_neg else "no particles of other regions"
             warning = f"region {r}: {why} (min_positives = {cfg.min_positives}); skipped"
             results[r] = {"params": None, "batch_stats": None, "history": [], "best_epoch": -1, "arch": None, "head": None, "warning": warning}
