@@ -144,7 +144,7 @@ def invoke(*args):
 def test_synthetic_examples_lift_a_classifier_trained_on_few_labels(tmp_path):
     """1,500 particles at SNR 0.05 with real micrograph noise, 150 labelled (3 per region), 32-px box,
     polar trunk: held-out top-2 hit rate with 90 % of every batch synthetic against none.
-    Measured 2026-12-06: MEASURED (the 42 regions' chance is 0.048). The test
+    Measured 2026-12-06: 0.054 without, 0.319 with (the 42 regions' chance is 0.048). The test
     asks for ≥ 3× the labels-only rate and ≥ 0.15."""
     proj = tmp_path / "p"
     mic = Path(__file__).resolve().parents[2] / "shared" / "data" / "micrograph_noise" / "fei_extended_1.668A_1024.mrc"

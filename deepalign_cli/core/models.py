@@ -7,8 +7,9 @@
 
 Each model also carries its default ``train.synthetic_fraction`` (the share of every training
 batch made from the reference, `core.synthetic`), chosen by measurement (RESULTS.md, "Synthetic
-examples made in the training step"): 0.9 for the polar trunk (held-out top-2 0.322 → 0.415 at
-SNR 0.05 with 71 labelled particles per region, 0.119 → 0.361 with 7, 0.979 → 0.987 on the demo),
+examples made in the training step"): 0.9 for the polar trunk (held-out top-2 at SNR 0.05:
+0.344 → 0.396 with 71 labelled particles per region, mean of three seeds; 0.119 → 0.361 with 7;
+0.979 → 0.987 on the demo),
 0 for the per-region nets, the paper's recipe (at SNR 0.05 they stay at chance either way).
 
 A checkpoint's ``arch`` dict names its model (``arch["model"]``; absent in the per-region nets'

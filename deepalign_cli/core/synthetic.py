@@ -19,7 +19,8 @@ holding the map, CTF rows and noise amplitude on the device): every step gets ne
 is stored, so the count is unbounded and memory does not grow with it. A per-region net asks for
 half of its examples from the cap that holds its region, so it sees positives. Measured
 (benchmarks/RESULTS.md, "Synthetic examples made in the training step"): at the same training
-budget, 0.29 → 0.42 top-2 against a fixed set of 1,000 pre-made examples per region.
+budget, top-2 0.291 with a fixed set of 1,000 pre-made examples per region, 0.377–0.415 made in
+the step.
 """
 
 from __future__ import annotations
