@@ -51,8 +51,10 @@ import numpy as np
 import optax
 
 from ..errors import DeepAlignError
-from . import augment as augment_mod
-from . import cnn, devices, inference, models, polar, synthetic
+from . import cnn, devices, inference, models, synthetic
+from .batches import balanced_batch  # noqa: F401  (part of this module's interface)
+from .batches import region_batch as _region_batch
+from .batches import trunk_batch as _trunk_batch
 from .split import split_train_val
 
 TRUNK = "trunk"  # the training unit (resume state, RNG stream) of a one-net model: all its regions
@@ -136,21 +138,6 @@ def _history_from_raw(h) -> list[dict]:
 # --------------------------------------------------------------------------- data & sampling
 
 
-def balanced_batch(
-    key: jax.Array, pos_idx: jax.Array, n_pos: jax.Array, neg_idx: jax.Array, n_neg: jax.Array, batch_size: int
-) -> tuple[jax.Array, jax.Array]:
-    """Indices and 0/1 targets of a batch with exactly batch_size // 2 positives.
-
-    pos_idx, neg_idx: (M,) int, the first n_pos / n_neg entries valid (padding lets one compiled
-    function serve every region).  Returns idx (batch_size,) int32, y (batch_size,) float32."""
-    k_pos, k_neg = jax.random.split(key)
-    half = batch_size // 2
-    pos = pos_idx[jax.random.randint(k_pos, (half,), 0, n_pos)]
-    neg = neg_idx[jax.random.randint(k_neg, (batch_size - half,), 0, n_neg)]
-    y = jnp.concatenate([jnp.ones(half, jnp.float32), jnp.zeros(batch_size - half, jnp.float32)])
-    return jnp.concatenate([pos, neg]), y
-
-
 def _padded(idx: np.ndarray, length: int) -> np.ndarray:
     out = np.zeros(length, np.int32)
     out[: idx.size] = idx
@@ -191,20 +178,6 @@ def _apply_train(model, params, batch_stats, x, key):
         {"params": params, "batch_stats": batch_stats}, x[..., None], train=True, rngs={"dropout": key}, mutable=["batch_stats"]
     )
     return logits, upd.get("batch_stats", batch_stats)
-
-
-def _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, gen, region, k, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
-    """A step's balanced, augmented batch and its dropout key, from the step key k. With
-    n_synthetic > 0, that many of the batch's images are new synthetic particles of which half
-    look from within the cap of the net's region (`synthetic.generate`; unaugmented: their
-    poses and shifts are already random), target 1 where their direction is in the region."""
-    k_batch, k_aug, k_drop = jax.random.split(k, 3)
-    idx, y = balanced_batch(k_batch, pos_idx, n_pos, neg_idx, n_neg, batch_size - n_synthetic)
-    x = augment_mod.augment(k_aug, images[idx], max_shift_px)
-    if n_synthetic:
-        syn, syn_lab, _ = synthetic.generate(jax.random.fold_in(k, 1), gen, n_synthetic, region)
-        x, y = jnp.concatenate([x, syn]), jnp.concatenate([y, (syn_lab == region).astype(jnp.float32)])
-    return x, y, k_drop
 
 
 def _region_update_body(model: nn.Module, lr: float):
@@ -338,24 +311,6 @@ def _trunk_epoch_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, 
     make = jax.vmap(partial(_trunk_batch, batch_size=batch_size, max_shift_px=max_shift_px, n_synthetic=n_synthetic),
                     in_axes=(None,) * 6 + (0,))
     return _pre_batched_epoch(jax.jit(_trunk_update_body(model, lr)), jax.jit(make), n_steps, batch_size)
-
-
-def _trunk_batch(images, members, counts, img_labels, head_regions, gen, k, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
-    """A trunk step's batch (labels drawn uniformly, then a member of each), augmented and sampled
-    on the polar grid in one interpolation (`polar.polar_augment`), its (B, H) targets and dropout
-    key, from the step key k. With n_synthetic > 0, that many of the batch's images are new
-    synthetic particles (`synthetic.generate` with `gen`; their poses and shifts are already random,
-    so they are sampled on the polar grid unaugmented)."""
-    n_labels = members.shape[0]
-    n_real = batch_size - n_synthetic
-    k_lab, k_img, k_aug, k_drop = jax.random.split(k, 4)
-    lab = jax.random.randint(k_lab, (n_real,), 0, n_labels)
-    idx = members[lab, jax.random.randint(k_img, (n_real,), 0, counts[lab])]
-    x, y_lab = polar.polar_augment(k_aug, images[idx], max_shift_px), img_labels[idx]
-    if n_synthetic:
-        syn, syn_lab, _ = synthetic.generate(jax.random.fold_in(k, 1), gen, n_synthetic)
-        x, y_lab = jnp.concatenate([x, polar.to_polar(syn)]), jnp.concatenate([y_lab, syn_lab])
-    return x, (y_lab[:, None] == head_regions[None, :]).astype(jnp.float32), k_drop
 
 
 def _trunk_update_body(model: nn.Module, lr: float):
