@@ -6,7 +6,8 @@ commit and date, and prints a markdown table; benchmarks/RESULTS.md collects the
     python benchmarks/run_all.py --quick    # smaller sizes, for a smoke check
 
 Not run here: gpu.py and gpu_job.py (for a GPU lease), whole_job.py (needs TensorFlow),
-polar_predict.py, and the one-off studies in benchmarks/experiments/.
+polar_predict.py, synthetic_speed.py, region_classifiers.py (issue 24's matrix: ~50 min on 2
+cores), and the one-off studies in benchmarks/experiments/.
 """
 
 import subprocess

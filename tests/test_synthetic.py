@@ -85,10 +85,11 @@ def test_every_region_lies_inside_its_cap():
 def test_the_ctf_applied_is_the_drawn_particles_ctf(vol_ft):
     """With one CTF row and an infinite SNR, an image is the normalised CTF · projection of its pose."""
     row = _ctf_rows(1, seed=3)
-    amp = jnp.asarray(synthetic.noise_amplitude(np.ones(BOX), BOX))
-    images, eulers, origins = synthetic.synthetic_chunk(jax.random.key(1), vol_ft, jnp.asarray(row), amp, jnp.float32(1e12),
-                                                        jnp.float32(1.5), jnp.float32(PIXEL), n=4, use_ctf=True)
-    ft = projector.project_ft(vol_ft, geometry.eulers_to_matrices(eulers), origins)
+    ops = symmetry.symmetry_operators("C1")
+    gen = synthetic.generator(vol_ft, regions.region_centres(30.0, ops), ops, pixel_ang=PIXEL, ctf_rows=row, noise_power=np.ones(BOX),
+                              snr=1e12, max_shift_px=0.0)
+    images, _, eulers = synthetic.generate(jax.random.key(1), gen, 4)
+    ft = projector.project_ft(vol_ft, geometry.eulers_to_matrices(eulers), jnp.zeros((4, 2)))
     c = ctf_mod.ctf_2d(BOX, PIXEL, *(jnp.asarray(row[:, i]) for i in range(len(synthetic.CTF_KEYS))))
     expect = preprocess.normalize_background(jnp.real(jnp.fft.ifft2(ft * c)))
     np.testing.assert_allclose(np.asarray(images), np.asarray(expect), atol=2e-4)
@@ -105,9 +106,10 @@ def test_noise_spectrum_matches_the_datas():
     k = np.arange(BOX // 2 + 1 + 7, dtype=float)
     measured = 1.0 / (1.0 + (k / 5.0) ** 2) + 0.05  # coloured: 20× more power at low than high frequency
     measured[0] = 0.0
-    amp = jnp.asarray(synthetic.noise_amplitude(measured, BOX))
-    images, _, _ = synthetic.synthetic_chunk(jax.random.key(2), _zero_ft(), jnp.zeros((1, 8)), amp, jnp.float32(1e-12),
-                                             jnp.float32(0.0), jnp.float32(PIXEL), n=2000, use_ctf=False)
+    ops = symmetry.symmetry_operators("C1")
+    gen = synthetic.generator(_zero_ft(), regions.region_centres(30.0, ops), ops, pixel_ang=PIXEL, ctf_rows=None, noise_power=measured,
+                              snr=1e-12, max_shift_px=0.0)
+    images, _, _ = jax.jit(synthetic.generate, static_argnums=2)(jax.random.key(2), gen, 2000)
     got = synthetic.radial_power(np.asarray(images))
     shells = slice(1, BOX // 2)
     ratio = (got[shells] / got[shells].mean()) / (measured[shells] / measured[shells].mean())

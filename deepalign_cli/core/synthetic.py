@@ -26,7 +26,6 @@ the step.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
 import flax.struct
 import jax
@@ -112,22 +111,6 @@ def _render(key, vol_ft: projector.VolumeFT, eulers, ctf_rows, noise_amplitude, 
     noise = noise / jnp.maximum(jnp.std(noise), 1e-30)
     sigma = jnp.std(clean) / jnp.sqrt(snr)
     return normalize_background(clean + sigma * noise, bg_radius_frac), origins
-
-
-@partial(jax.jit, static_argnames=("n", "use_ctf", "bg_radius_frac"))
-def synthetic_chunk(key, vol_ft: projector.VolumeFT, ctf_rows, noise_amplitude, snr, max_shift_px, pixel_ang, n: int, use_ctf: bool,
-                    bg_radius_frac: float = 0.75):
-    """n synthetic particles: (images (n, N, N) float32 normalised like real ones, eulers (n, 3) degrees,
-    origins (n, 2) px).
-
-    ctf_rows: (m, 8) CTF parameters of real particles (CTF_KEYS order), each image draws one row.
-    noise_amplitude: (N, N) sqrt of the noise power on the unshifted grid (:func:`noise_amplitude`).
-    snr: var(signal) / var(noise) of the chunk.  max_shift_px: origins uniform in ±max (x, y).
-    """
-    k_pose, k_rest = jax.random.split(key)
-    eulers = random_eulers_deg(k_pose, n)
-    images, origins = _render(k_rest, vol_ft, eulers, ctf_rows, noise_amplitude, snr, max_shift_px, pixel_ang, use_ctf, bg_radius_frac)
-    return images, eulers, origins
 
 
 def noise_amplitude(power_per_shell, box: int) -> np.ndarray:
