@@ -74,9 +74,9 @@ def write_subset_project_stars(cell_dir: Path, n_labelled: int, held_out: np.nda
     lab = subset.particles.iloc[:n_labelled].reset_index(drop=True)
     sub_path = cell_dir / f"subset_{n_labelled}.star"
     star.write_particles(sub_path, star.ParticleTable(lab, subset.optics, subset.source))
-    names = set(lab["rlnImageName"])
-    all_names = truth.particles["rlnImageName"].to_numpy()
-    rows = np.flatnonzero(np.isin(all_names, list(names)) | np.isin(np.arange(len(all_names)), held_out))
+    keep = np.isin(truth.particles["rlnImageName"].to_numpy(), lab["rlnImageName"].to_numpy())
+    keep[held_out] = True
+    rows = np.flatnonzero(keep)
     parts = star.read_particles(cell_dir / "particles.star")
     part_path = cell_dir / f"particles_{n_labelled}.star"
     star.write_particles(part_path, star.ParticleTable(parts.particles.iloc[rows].reset_index(drop=True), parts.optics, parts.source))

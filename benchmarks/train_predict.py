@@ -11,7 +11,7 @@ drifts, only same-run ratios count). Prediction: particle·region/s of `inferenc
 nets (prepared once, as `deepalign predict` does; compilation excluded) against Keras `predict` of
 one net (the paper predicts region after region, so its particle·region/s equals one net's
 particles/s). FLOP/s: XLA's cost analysis of one training step (built here from the same public
-pieces: `training.balanced_batch`, `augment.augment`, the model's train-mode apply, Adam) and of
+pieces: `batches.balanced_batch`, `augment.augment`, the model's train-mode apply, Adam) and of
 the forward pass ÷ the measured time, beside a float32 matmul ceiling measured in the same run.
 The whole-job figures are extrapolated from the measured rates to the paper's recipe (42 regions ×
 10 epochs × 10,000 images), not run. On CPU the vmapped (42 nets stacked) prediction is skipped
@@ -42,7 +42,7 @@ from _harness import matmul_flops, write_result, xla_cost  # noqa: E402
 
 from deepalign_cli import host_malloc  # noqa: E402
 from deepalign_cli.config import TrainConfig  # noqa: E402
-from deepalign_cli.core import augment, cnn, inference, models, training  # noqa: E402
+from deepalign_cli.core import augment, batches, cnn, inference, models, training  # noqa: E402
 
 N_REGIONS = 42
 PAPER_EPOCHS, PAPER_IMAGES = 10, 10000
@@ -62,14 +62,14 @@ def _model(box, cfg, impls=None):
 
 def region_train_step(model, tx, batch_size: int, max_shift_px: float):
     """One optimiser step of one per-region net, made as `train_regions` makes it, from public
-    pieces: a balanced batch (`training.balanced_batch`), on-device rotation + shift
+    pieces: a balanced batch (`batches.balanced_batch`), on-device rotation + shift
     (`augment.augment`), binary cross-entropy on the train-mode logits, the `tx` update.
     step(params, batch_stats, opt_state, images (n, N, N), pos_idx, n_pos, neg_idx, n_neg, key)
     -> (params, batch_stats, opt_state, loss)."""
 
     def step(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, key):
         k_batch, k_aug, k_drop = jax.random.split(key, 3)
-        idx, y = training.balanced_batch(k_batch, pos_idx, n_pos, neg_idx, n_neg, batch_size)
+        idx, y = batches.balanced_batch(k_batch, pos_idx, n_pos, neg_idx, n_neg, batch_size)
         x = augment.augment(k_aug, images[idx], max_shift_px)
 
         def loss_fn(p):

@@ -51,7 +51,7 @@ import keras_reference  # noqa: E402
 from _harness import write_result  # noqa: E402
 
 from deepalign_cli.config import TrainConfig  # noqa: E402
-from deepalign_cli.core import augment, cnn, geometry, inference, preprocess, regions, simulate, symmetry, training  # noqa: E402
+from deepalign_cli.core import augment, batches, cnn, geometry, inference, preprocess, regions, simulate, symmetry, training  # noqa: E402
 from deepalign_cli.core.split import split_train_val  # noqa: E402
 
 MAP = Path(os.environ.get("DEEPALIGN_DATA", "/work/shared/data")) / "ribosome70S_65.mrc"
@@ -99,7 +99,7 @@ def keras_recipe(images, labels, train_idx, val_idx, region, cfg, seed):
 
 def _batch(key, train_images, pos, n_pos, neg, n_neg, cfg, box):
     k_b, k_a = jax.random.split(key)
-    idx, y = training.balanced_batch(k_b, pos, n_pos, neg, n_neg, cfg.batch_size)
+    idx, y = batches.balanced_batch(k_b, pos, n_pos, neg, n_neg, cfg.batch_size)
     x = augment.augment(k_a, train_images[idx], cfg.max_shift_frac * box)
     return x[..., None], y
 

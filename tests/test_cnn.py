@@ -195,8 +195,9 @@ def test_paper_network_at_64px_has_expected_shapes_and_parameter_count():
         out, upd = m.apply({**variables, "params": params}, x, train=True, rngs={"dropout": jax.random.key(2)},
                            mutable=["batch_stats"])
         return jnp.sum(out * jnp.arange(1.0, 4.0)[:, None]), upd["batch_stats"]
-    (l_fft, st_fft), g_fft = jax.value_and_grad(lambda p: train_out(fft_model, p), has_aux=True)(variables["params"])
-    (l_dir, st_dir), g_dir = jax.value_and_grad(lambda p: train_out(model, p), has_aux=True)(variables["params"])
+    # jitted: run op by op, the two backward passes made this test take ~31 s instead of ~14 s
+    (l_fft, st_fft), g_fft = jax.jit(jax.value_and_grad(lambda p: train_out(fft_model, p), has_aux=True))(variables["params"])
+    (l_dir, st_dir), g_dir = jax.jit(jax.value_and_grad(lambda p: train_out(model, p), has_aux=True))(variables["params"])
     np.testing.assert_allclose(float(l_fft), float(l_dir), rtol=1e-4)
     for tree_fft, tree_dir in ((st_fft, st_dir), (g_fft, g_dir)):
         leaves = list(zip(jax.tree_util.tree_leaves(tree_fft), jax.tree_util.tree_leaves(tree_dir)))

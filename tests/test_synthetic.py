@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from deepalign_cli import main
 from deepalign_cli.core import ctf as ctf_mod
-from deepalign_cli.core import geometry, preprocess, projector, regions, symmetry, synthetic
+from deepalign_cli.core import batches, geometry, preprocess, projector, regions, symmetry, synthetic
 from deepalign_cli.io import mrc
 
 SHIPPED = Path(__file__).resolve().parents[1] / "deepalign_cli" / "data" / "ribosome70S_65.mrc"
@@ -211,14 +211,14 @@ def test_a_trunk_batch_holds_new_synthetic_examples_every_step(vol_ft):
     and another step key makes other images (new examples every step, nothing stored)."""
     from functools import partial
 
-    from deepalign_cli.core import polar, training
+    from deepalign_cli.core import polar
 
     gen, centres, ops = _generator(vol_ft)
     n_regions = len(centres)
     images = jnp.asarray(np.random.default_rng(1).normal(size=(n_regions, BOX, BOX)), jnp.float32)
     labels = jnp.arange(n_regions, dtype=jnp.int32)
     members = labels[:, None]
-    make = jax.jit(partial(training._trunk_batch, batch_size=16, max_shift_px=1.0, n_synthetic=12))
+    make = jax.jit(partial(batches.trunk_batch, batch_size=16, max_shift_px=1.0, n_synthetic=12))
     data = (images, members, jnp.ones(n_regions, jnp.int32), labels, labels, gen)
     x1, y1, _ = make(*data, jax.random.key(3))
     x2, _, _ = make(*data, jax.random.key(4))

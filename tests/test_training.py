@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from deepalign_cli.config import TrainConfig
-from deepalign_cli.core import cnn, coverage, inference, models, split, training
+from deepalign_cli.core import batches, cnn, coverage, inference, models, split, training
 from deepalign_cli.io import checkpoints as ckpt
 from deepalign_cli.errors import DeepAlignError
 
@@ -30,7 +30,7 @@ def _leaves_equal(a, b):
 def test_balanced_batch_has_exactly_half_positives():
     pos = jnp.asarray(np.r_[np.arange(3), np.zeros(97, int)])
     neg = jnp.asarray(np.arange(3, 103))
-    idx, y = training.balanced_batch(jax.random.key(0), pos, jnp.int32(3), neg, jnp.int32(100), 128)
+    idx, y = batches.balanced_batch(jax.random.key(0), pos, jnp.int32(3), neg, jnp.int32(100), 128)
     idx, y = np.asarray(idx), np.asarray(y)
     assert y.sum() == 64 and set(idx[y == 1]) <= {0, 1, 2} and np.all(idx[y == 0] >= 3)
 
@@ -283,9 +283,9 @@ def test_pre_batched_epoch_equals_making_each_batch_alone():
     data = (images, pos, jnp.int32(10), neg, jnp.int32(30), None, jnp.int32(0))  # no synthetic generator, region 0
     epoch, _ = training._region_epoch_fn(model, 1e-3, n_steps, batch, 1.0)
     grouped = training._pre_batched_epoch(jax.jit(training._region_update_body(model, 1e-3)),
-                                          jax.jit(jax.vmap(partial(training._region_batch, batch_size=batch, max_shift_px=1.0),
+                                          jax.jit(jax.vmap(partial(batches.region_batch, batch_size=batch, max_shift_px=1.0),
                                                            in_axes=(None,) * 7 + (0,))), n_steps, batch, 2)
-    make_one = jax.jit(partial(training._region_batch, batch_size=batch, max_shift_px=1.0))
+    make_one = jax.jit(partial(batches.region_batch, batch_size=batch, max_shift_px=1.0))
     ref = _stepwise_reference(jax.jit(training._region_update_body(model, 1e-3)), make_one, v["params"], v["batch_stats"], opt,
                               data, jax.random.key(2), n_steps)
     _assert_trees_equal(epoch(v["params"], v["batch_stats"], opt, *data, jax.random.key(2)), ref)
@@ -304,7 +304,7 @@ def test_trunk_pre_batched_epoch_equals_making_each_batch_alone():
     labels = jnp.arange(30, dtype=jnp.int32) % heads
     members = jnp.stack([jnp.flatnonzero(labels == h, size=10) for h in range(heads)]).astype(jnp.int32)
     data = (images, members, jnp.full(heads, 10, jnp.int32), labels, jnp.arange(heads, dtype=jnp.int32), None)
-    make_one = jax.jit(partial(training._trunk_batch, batch_size=batch, max_shift_px=1.0))
+    make_one = jax.jit(partial(batches.trunk_batch, batch_size=batch, max_shift_px=1.0))
     ref = _stepwise_reference(jax.jit(training._trunk_update_body(model, 1e-3)), make_one, v["params"], v["batch_stats"], opt,
                               data, jax.random.key(2), n_steps)
     got = training._trunk_epoch_fn(model, 1e-3, n_steps, batch, 1.0)(v["params"], v["batch_stats"], opt, *data, jax.random.key(2))

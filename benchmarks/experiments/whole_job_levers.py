@@ -9,7 +9,7 @@ Data as in `whole_job.py` (8,400 labelled particles simulated from the shipped m
 SNR 0.5, 42 regions, the stratified 80/20 split of `core.split`, key 0) and its three typical
 regions 20, 25, 33. `train_regions` trains with Adam at the config's constant rate, so the nets
 here are trained by a loop of this script's own from the same public pieces
-(`train_predict.region_train_step`: `training.balanced_batch`, `augment.augment`, the net's
+(`train_predict.region_train_step`: `batches.balanced_batch`, `augment.augment`, the net's
 train-mode apply, an optax update; `training.init_region_params`; balanced validation accuracy by
 `training.head_validation` after every epoch). Its step keys are not `train_regions`' own, so the
 figures compare within this script, not digit for digit with the product's runs (the runs in

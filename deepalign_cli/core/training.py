@@ -51,10 +51,7 @@ import numpy as np
 import optax
 
 from ..errors import DeepAlignError
-from . import cnn, devices, inference, models, synthetic
-from .batches import balanced_batch  # noqa: F401  (part of this module's interface)
-from .batches import region_batch as _region_batch
-from .batches import trunk_batch as _trunk_batch
+from . import batches, cnn, devices, inference, models, synthetic
 from .split import split_train_val
 
 TRUNK = "trunk"  # the training unit (resume state, RNG stream) of a one-net model: all its regions
@@ -202,7 +199,7 @@ def _region_step_body(model: nn.Module, lr: float, batch_size: int, max_shift_px
     update = _region_update_body(model, lr)
 
     def step(params, batch_stats, opt_state, images, pos_idx, n_pos, neg_idx, n_neg, gen, region, k):
-        x, y, k_drop = _region_batch(images, pos_idx, n_pos, neg_idx, n_neg, gen, region, k, batch_size, max_shift_px, n_synthetic)
+        x, y, k_drop = batches.region_batch(images, pos_idx, n_pos, neg_idx, n_neg, gen, region, k, batch_size, max_shift_px, n_synthetic)
         return update(params, batch_stats, opt_state, x, y, k_drop)
 
     return step
@@ -284,7 +281,7 @@ _EPOCH_IN_AXES = (0, 0, 0, None, 0, 0, 0, 0, None, 0, 0)  # vmap over regions; t
 def _region_epoch_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, max_shift_px: float, n_synthetic: int = 0):
     """One epoch of one per-region net and of R stacked nets (vmapped over regions), both with
     their batches made ahead (`_pre_batched_epoch`)."""
-    batch = partial(_region_batch, batch_size=batch_size, max_shift_px=max_shift_px, n_synthetic=n_synthetic)
+    batch = partial(batches.region_batch, batch_size=batch_size, max_shift_px=max_shift_px, n_synthetic=n_synthetic)
     update = _region_update_body(model, lr)
     one = _pre_batched_epoch(jax.jit(update), jax.jit(jax.vmap(batch, in_axes=(None,) * 7 + (0,))), n_steps, batch_size)
     # stacked: regions (axis 0 of the index arrays, region ids and keys) inside, steps (keys' axis 1) outside
@@ -308,7 +305,7 @@ def _trunk_epoch_fn(model: nn.Module, lr: float, n_steps: int, batch_size: int, 
     """One epoch of a one-net model (the polar trunk): batches stratified over labels, made ahead
     in groups of steps as for the per-region nets (`_pre_batched_epoch`), then one jitted update
     per step; loss = mean over heads of the balanced BCE. Returns per-head (H,) train loss/acc."""
-    make = jax.vmap(partial(_trunk_batch, batch_size=batch_size, max_shift_px=max_shift_px, n_synthetic=n_synthetic),
+    make = jax.vmap(partial(batches.trunk_batch, batch_size=batch_size, max_shift_px=max_shift_px, n_synthetic=n_synthetic),
                     in_axes=(None,) * 6 + (0,))
     return _pre_batched_epoch(jax.jit(_trunk_update_body(model, lr)), jax.jit(make), n_steps, batch_size)
 
